@@ -1,0 +1,163 @@
+"""The one place that chooses between NumPy and CuPy.
+
+Every other file gets its array module from here:
+
+    from minicvt import backend
+    xp = backend.xp()                  # the active module, for creating arrays
+    xp = backend.get_array_module(x)   # the module that owns x, inside the math
+
+Rules (see docs/backend.md):
+- No other file imports CuPy. Asking for CuPy where it or a GPU is missing raises
+  BackendError with what to install; there is never a silent fallback to NumPy.
+- Initial weights are drawn on the host from a seeded NumPy generator (`host_rng`) and then
+  moved with `to_device`, so a CPU run and a GPU run start from identical weights.
+- Random numbers needed during training (dropout masks, augmentation) come from
+  `BackendRNG`, which draws on the device that holds the data.
+"""
+import os
+
+import numpy as np
+
+_NAMES = ("numpy", "cupy")
+_state = {"name": None, "xp": None}
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot be used on this machine."""
+
+
+def _import_cupy():
+    """Import CuPy and check that a GPU answers; raise BackendError saying what to do."""
+    try:
+        import cupy
+    except ImportError as e:
+        raise BackendError(
+            "backend 'cupy' needs CuPy, which is not installed: install the wheel that "
+            "matches your CUDA (e.g. `pip install cupy-cuda12x` or `pip install cupy-cuda13x`, "
+            "or `pip install 'minicvt[gpu]'`), or use MINICVT_BACKEND=numpy"
+        ) from e
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDA driver missing or broken
+        raise BackendError(f"backend 'cupy': CuPy is installed but CUDA is not usable ({e})") from e
+    if n < 1:
+        raise BackendError("backend 'cupy': CuPy is installed but no GPU was found")
+    return cupy
+
+
+def set_backend(name):
+    """Select 'numpy' or 'cupy' for everything created from now on; returns the module."""
+    if name not in _NAMES:
+        raise ValueError(f"unknown backend {name!r}: expected one of {_NAMES}")
+    xp = np if name == "numpy" else _import_cupy()
+    _state["name"], _state["xp"] = name, xp
+    return xp
+
+
+def get_backend():
+    """Name of the active backend; on first use it is read from MINICVT_BACKEND (default numpy)."""
+    if _state["name"] is None:
+        set_backend(os.environ.get("MINICVT_BACKEND", "numpy").strip().lower() or "numpy")
+    return _state["name"]
+
+
+def xp():
+    """The active array module (numpy or cupy)."""
+    get_backend()
+    return _state["xp"]
+
+
+def cupy_available():
+    """True when CuPy imports and sees a GPU (used by tests to skip with a reason)."""
+    try:
+        _import_cupy()
+        return True
+    except BackendError:
+        return False
+
+
+def get_array_module(*arrays):
+    """numpy or cupy, whichever owns the arrays (CuPy's own idiom, without importing it here
+    unless a non-NumPy array is actually passed)."""
+    for a in arrays:
+        if isinstance(a, np.ndarray) or np.isscalar(a) or a is None:
+            continue
+        mod = type(a).__module__.split(".")[0]
+        if mod == "cupy":
+            import cupy
+            return cupy
+    return np
+
+
+def is_cupy_array(a):
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def to_device(a, dtype=None):
+    """Move a host (or device) array to the active backend, optionally casting."""
+    module = xp()
+    out = module.asarray(a)
+    return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def to_numpy(a):
+    """Bring any array (NumPy or CuPy) back to a NumPy array on the host."""
+    if is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)
+
+
+def synchronize():
+    """Wait for queued GPU work (timing needs it); a no-op on NumPy."""
+    if get_backend() == "cupy":
+        _state["xp"].cuda.get_current_stream().synchronize()
+
+
+def erf(x):
+    """Elementwise error function on either backend, keeping x's dtype (exact GELU needs it;
+    NumPy has no erf, so SciPy's ufunc is used on the host and cupyx's kernel on the GPU)."""
+    if is_cupy_array(x):
+        from cupyx.scipy.special import erf as cupy_erf
+        return cupy_erf(x)
+    from scipy.special import erf as scipy_erf
+    return scipy_erf(x)
+
+
+def host_rng(seed):
+    """Seeded NumPy generator for initial weights: same numbers on every backend."""
+    return np.random.default_rng(seed)
+
+
+_default_host = {"rng": np.random.default_rng(0)}
+
+
+def manual_seed(seed):
+    """Reseed the host generator that layers draw their initial weights from by default."""
+    _default_host["rng"] = np.random.default_rng(seed)
+
+
+def default_host_rng():
+    return _default_host["rng"]
+
+
+class BackendRNG:
+    """Random numbers drawn where the data lives (dropout masks, augmentation).
+
+    On NumPy this is a numpy Generator; on CuPy, cupy.random's generator, so masks are
+    made on the GPU without a host round trip. The stream differs between backends.
+    """
+
+    def __init__(self, seed=0):
+        self.seed(seed)
+
+    def seed(self, seed):
+        self.backend = get_backend()
+        self._gen = xp().random.default_rng(seed)
+
+    def random(self, shape, dtype=np.float32):
+        """Uniform [0, 1) samples of the given shape and dtype."""
+        return self._gen.random(shape, dtype=dtype)
+
+    def integers(self, low, high, shape):
+        """Integers in [low, high) of the given shape."""
+        return self._gen.integers(low, high, size=shape)

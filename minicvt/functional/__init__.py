@@ -1,0 +1,13 @@
+"""Pure layer math: every forward returns (out, cache), every backward takes (dout, cache)
+and returns the gradients. No state, no hidden allocation of parameters."""
+from .activation import gelu_backward, gelu_forward, quick_gelu_backward, quick_gelu_forward
+from .attention import (attention_backward, attention_forward, merge_heads, softmax_backward,
+                        softmax_forward, split_heads)
+from .conv import (col2im, conv2d_backward, conv2d_forward, conv_output_size,
+                   depthwise_conv2d_backward, depthwise_conv2d_forward, im2col)
+from .dropout import dropout_backward, dropout_forward, dropout_mask
+from .linear import linear_backward, linear_forward
+from .loss import cross_entropy_backward, cross_entropy_forward
+from .norm import batchnorm2d_backward, batchnorm2d_forward, layernorm_backward, layernorm_forward
+from .pool import (avg_pool2d_backward, avg_pool2d_forward, pool_output_size, token_mean_backward,
+                   token_mean_forward)

@@ -1,0 +1,37 @@
+"""Input validation shared by the layer functions: a wrong shape or dtype is a ValueError
+that names the layer and says what was expected and what arrived."""
+
+
+def check_ndim(layer, name, a, ndim, layout):
+    if a.ndim != ndim:
+        raise ValueError(f"{layer}: {name} must be {ndim}-D {layout}, got shape {tuple(a.shape)}")
+
+
+def check_float(layer, *named):
+    """All arrays must share one floating dtype (float32 or float64): mixing would promote
+    float32 to float64 silently, so it is refused instead."""
+    dtypes = {n: a.dtype for n, a in named if a is not None}
+    for n, dt in dtypes.items():
+        if dt.kind != "f":
+            raise ValueError(f"{layer}: {n} must be float32 or float64, got {dt}")
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{n}={dt}" for n, dt in dtypes.items())
+        raise ValueError(f"{layer}: all arrays must have the same dtype, got {listed}")
+
+
+def check_shape(layer, name, a, expected):
+    """expected is a tuple where None means 'any size'."""
+    ok = a.ndim == len(expected) and all(e is None or e == s for e, s in zip(expected, a.shape))
+    if not ok:
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        raise ValueError(f"{layer}: {name} must have shape {want}, got {tuple(a.shape)}")
+
+
+def pair(v, what="value"):
+    """An int or a pair of ints -> (vertical, horizontal)."""
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) != 2 or not all(isinstance(i, int) for i in v):
+        raise ValueError(f"{what} must be an int or a pair of ints, got {v!r}")
+    return v

@@ -1,0 +1,75 @@
+"""Softmax and multi-head scaled dot-product attention with Tq != Tk.
+
+Shapes: N batch, Tq query tokens, Tk key/value tokens (fewer when keys and values are
+squeezed by a strided projection), C = h * d channels, h heads, d head dimension.
+Derivations: docs/attention.md.
+"""
+from ..backend import get_array_module
+from ._checks import check_float, check_ndim
+
+
+def softmax_forward(x, axis=-1):
+    """Numerically stable softmax: subtracting the max leaves the result unchanged and keeps
+    exp() from overflowing. x (any) -> p (same shape). cache: p (its own derivative needs only p)."""
+    xp = get_array_module(x)
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    p = e / e.sum(axis=axis, keepdims=True)
+    return p, (p, axis)
+
+
+def softmax_backward(dout, cache):
+    """dout -> dx = p * (dout - sum(dout * p)) along the softmax axis (Jacobian diag(p) - p p^T)."""
+    p, axis = cache
+    return p * (dout - (dout * p).sum(axis=axis, keepdims=True))
+
+
+def split_heads(x, num_heads):
+    """(N, T, C) -> (N, h, T, d), as the official code's rearrange 'b t (h d) -> b h t d'."""
+    N, T, C = x.shape
+    return x.reshape(N, T, num_heads, C // num_heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """(N, h, T, d) -> (N, T, h*d)."""
+    N, h, T, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(N, T, h * d)
+
+
+def attention_forward(q, k, v, num_heads, scale=None):
+    """Multi-head attention: softmax(q k^T * scale) v, per head.
+
+    q (N, Tq, C), k (N, Tk, C), v (N, Tk, C) -> out (N, Tq, C).
+    scale defaults to d ** -0.5; the official CvT code uses C ** -0.5 (see docs/attention.md).
+    cache: the per-head q, k, v (N, h, T*, d) and the attention probabilities p (N, h, Tq, Tk),
+    which the backward needs and attention maps are drawn from (cache[3]).
+    """
+    layer = "attention"
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        check_ndim(layer, name, a, 3, "(N, T, C)")
+    check_float(layer, ("q", q), ("k", k), ("v", v))
+    N, Tq, C = q.shape
+    if k.shape != v.shape or k.shape[0] != N or k.shape[2] != C:
+        raise ValueError(f"attention: expected k and v of shape ({N}, Tk, {C}) for q of shape "
+                         f"{tuple(q.shape)}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if C % num_heads:
+        raise ValueError(f"attention: {C} channels do not split into {num_heads} heads")
+    # a Python float: a NumPy float64 scale would promote float32 scores to float64
+    scale = float((C // num_heads) ** -0.5 if scale is None else scale)
+    qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
+    scores = (qh @ kh.transpose(0, 1, 3, 2)) * scale          # (N, h, Tq, Tk)
+    p, _ = softmax_forward(scores)                            # (N, h, Tq, Tk)
+    out = merge_heads(p @ vh)                                 # (N, h, Tq, d) -> (N, Tq, C)
+    return out, (qh, kh, vh, p, scale)
+
+
+def attention_backward(dout, cache):
+    """dout (N, Tq, C) -> dq (N, Tq, C), dk (N, Tk, C), dv (N, Tk, C)."""
+    qh, kh, vh, p, scale = cache
+    h = qh.shape[1]
+    douth = split_heads(dout, h)                              # (N, h, Tq, d)
+    dv = p.transpose(0, 1, 3, 2) @ douth                      # (N, h, Tk, d)
+    dp = douth @ vh.transpose(0, 1, 3, 2)                     # (N, h, Tq, Tk)
+    dscores = softmax_backward(dp, (p, -1)) * scale           # (N, h, Tq, Tk)
+    dq = dscores @ kh                                         # (N, h, Tq, d)
+    dk = dscores.transpose(0, 1, 3, 2) @ qh                   # (N, h, Tk, d)
+    return merge_heads(dq), merge_heads(dk), merge_heads(dv)

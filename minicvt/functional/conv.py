@@ -1,0 +1,162 @@
+"""Convolutions: im2col / col2im, 2-D convolution, depthwise convolution.
+
+Shapes: N batch, C input channels, F output channels (filters), H, W input height/width,
+kh, kw kernel size, sh, sw stride, ph, pw zero padding, OH, OW output height/width with
+    OH = (H + 2*ph - kh) // sh + 1,   OW = (W + 2*pw - kw) // sw + 1.
+Weights use PyTorch's layout: conv (F, C, kh, kw), depthwise (C, 1, kh, kw).
+Derivations: docs/conv.md.
+"""
+from ..backend import get_array_module
+from ._checks import check_float, check_ndim, check_shape, pair
+
+
+def conv_output_size(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _geometry(layer, x_shape, kernel_size, stride, padding):
+    """Normalise the arguments and compute the output grid; refuse an empty output."""
+    (kh, kw), (sh, sw), (ph, pw) = pair(kernel_size, "kernel_size"), pair(stride, "stride"), pair(padding, "padding")
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"{layer}: need kernel >= 1, stride >= 1, padding >= 0, got "
+                         f"kernel {(kh, kw)}, stride {(sh, sw)}, padding {(ph, pw)}")
+    H, W = x_shape[2], x_shape[3]
+    OH, OW = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
+    if OH < 1 or OW < 1:
+        raise ValueError(f"{layer}: kernel {(kh, kw)} does not fit input {(H, W)} with padding {(ph, pw)}")
+    return (kh, kw), (sh, sw), (ph, pw), (OH, OW)
+
+
+def _pad(x, ph, pw):
+    xp = get_array_module(x)
+    if ph == 0 and pw == 0:
+        return x
+    return xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+
+
+def im2col(x, kernel_size, stride=1, padding=0):
+    """Unfold every receptive field into a row.
+
+    x (N, C, H, W) -> cols (N*OH*OW, C*kh*kw); row r = (n, oh, ow) holds the patch that
+    output pixel sees, in (c, i, j) order, so a convolution is one matmul with w.reshape(F, -1).
+    Written as a loop over the kh*kw kernel offsets with strided slices, which runs the same
+    on NumPy and CuPy.
+    """
+    xp = get_array_module(x)
+    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry("im2col", x.shape, kernel_size, stride, padding)
+    N, C = x.shape[:2]
+    xpad = _pad(x, ph, pw)                                  # (N, C, H+2ph, W+2pw)
+    cols = xp.empty((N, OH, OW, C, kh, kw), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            patch = xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]   # (N, C, OH, OW)
+            cols[:, :, :, :, i, j] = patch.transpose(0, 2, 3, 1)     # (N, OH, OW, C)
+    return cols.reshape(N * OH * OW, C * kh * kw)
+
+
+def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
+    """The adjoint of im2col: fold rows back onto the image, adding where patches overlap.
+
+    cols (N*OH*OW, C*kh*kw) -> (N, C, H, W). Overlapping patches share input pixels, so each
+    pixel receives the sum of its contributions (`+=`); this is exactly what the gradient of
+    im2col needs, and <im2col(x), c> == <x, col2im(c)> holds for all x, c.
+    """
+    xp = get_array_module(cols)
+    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry("col2im", x_shape, kernel_size, stride, padding)
+    N, C, H, W = x_shape
+    check_shape("col2im", "cols", cols, (N * OH * OW, C * kh * kw))
+    cols = cols.reshape(N, OH, OW, C, kh, kw)
+    xpad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw] += cols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+    return xpad[:, :, ph:ph + H, pw:pw + W]
+
+
+def conv2d_forward(x, w, b=None, stride=1, padding=0):
+    """2-D convolution (cross-correlation, as in PyTorch) by im2col and one matmul.
+
+    x (N, C, H, W), w (F, C, kh, kw), b (F,) or None -> out (N, F, OH, OW).
+    cache: the unfolded input cols (N*OH*OW, C*kh*kw) (needed for dw; recomputing it would
+    cost a second im2col) and w (needed for dx).
+    """
+    layer = "conv2d"
+    check_ndim(layer, "x", x, 4, "(N, C, H, W)")
+    check_ndim(layer, "w", w, 4, "(F, C, kh, kw)")
+    check_float(layer, ("x", x), ("w", w), ("b", b))
+    F, C, kh, kw = w.shape
+    if x.shape[1] != C:
+        raise ValueError(f"conv2d: x has {x.shape[1]} channels but w expects {C} (w shape {tuple(w.shape)})")
+    if b is not None:
+        check_shape(layer, "b", b, (F,))
+    N = x.shape[0]
+    _, _, _, (OH, OW) = _geometry(layer, x.shape, (kh, kw), stride, padding)
+    cols = im2col(x, (kh, kw), stride, padding)             # (N*OH*OW, C*kh*kw)
+    out = cols @ w.reshape(F, -1).T                         # (N*OH*OW, F)
+    if b is not None:
+        out += b
+    out = out.reshape(N, OH, OW, F).transpose(0, 3, 1, 2)  # (N, F, OH, OW)
+    cache = (x.shape, cols, w, b is not None, stride, padding)
+    return out, cache
+
+
+def conv2d_backward(dout, cache):
+    """dout (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, kh, kw), db (F,) or None."""
+    x_shape, cols, w, has_bias, stride, padding = cache
+    F = w.shape[0]
+    d2 = dout.transpose(0, 2, 3, 1).reshape(-1, F)          # (N*OH*OW, F)
+    dw = (d2.T @ cols).reshape(w.shape)                     # (F, C*kh*kw) -> (F, C, kh, kw)
+    db = d2.sum(axis=0) if has_bias else None
+    dcols = d2 @ w.reshape(F, -1)                           # (N*OH*OW, C*kh*kw)
+    dx = col2im(dcols, x_shape, w.shape[2:], stride, padding)
+    return dx, dw, db
+
+
+def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0):
+    """Depthwise convolution: each channel is convolved with its own kh x kw filter
+    (PyTorch's Conv2d with groups=C). No im2col: with one filter per channel there is no
+    matmul to gain, so it is a multiply-accumulate over the kh*kw shifted views.
+
+    x (N, C, H, W), w (C, 1, kh, kw), b (C,) or None -> out (N, C, OH, OW).
+    cache: the padded input (each kernel offset reads a strided view of it) and w.
+    """
+    layer = "depthwise_conv2d"
+    check_ndim(layer, "x", x, 4, "(N, C, H, W)")
+    check_ndim(layer, "w", w, 4, "(C, 1, kh, kw)")
+    check_float(layer, ("x", x), ("w", w), ("b", b))
+    C = x.shape[1]
+    if w.shape[0] != C or w.shape[1] != 1:
+        raise ValueError(f"depthwise_conv2d: w must have shape ({C}, 1, kh, kw) for {C} channels, "
+                         f"got {tuple(w.shape)}")
+    if b is not None:
+        check_shape(layer, "b", b, (C,))
+    xp = get_array_module(x)
+    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry(layer, x.shape, w.shape[2:], stride, padding)
+    xpad = _pad(x, ph, pw)                                  # (N, C, H+2ph, W+2pw)
+    out = xp.zeros((x.shape[0], C, OH, OW), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            view = xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]    # (N, C, OH, OW)
+            out += view * w[:, 0, i, j][:, None, None]              # (C, 1, 1) broadcast
+    if b is not None:
+        out += b[:, None, None]
+    cache = (x.shape, xpad, w, b is not None, (sh, sw), (ph, pw))
+    return out, cache
+
+
+def depthwise_conv2d_backward(dout, cache):
+    """dout (N, C, OH, OW) -> dx (N, C, H, W), dw (C, 1, kh, kw), db (C,) or None."""
+    x_shape, xpad, w, has_bias, (sh, sw), (ph, pw) = cache
+    xp = get_array_module(dout)
+    N, C, H, W = x_shape
+    kh, kw = w.shape[2:]
+    OH, OW = dout.shape[2:]
+    dxpad = xp.zeros_like(xpad)
+    dw = xp.zeros_like(w)
+    for i in range(kh):
+        for j in range(kw):
+            window = (slice(None), slice(None), slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))
+            dw[:, 0, i, j] = (dout * xpad[window]).sum(axis=(0, 2, 3))
+            dxpad[window] += dout * w[:, 0, i, j][:, None, None]
+    db = dout.sum(axis=(0, 2, 3)) if has_bias else None
+    return dxpad[:, :, ph:ph + H, pw:pw + W], dw, db

@@ -1,0 +1,35 @@
+"""Linear (fully connected / pointwise) layer on any leading shape.
+
+x (..., Cin) with any leading axes: tokens (N, T, Cin), vectors (N, Cin), ...
+w (Cout, Cin) in PyTorch's layout, b (Cout,) or None -> out (..., Cout).
+Derivation: docs/linear.md.
+"""
+from ._checks import check_float, check_ndim, check_shape
+
+
+def linear_forward(x, w, b=None):
+    """out = x @ w.T + b. cache: x (for dw) and w (for dx)."""
+    check_ndim("linear", "w", w, 2, "(Cout, Cin)")
+    check_float("linear", ("x", x), ("w", w), ("b", b))
+    Cout, Cin = w.shape
+    if x.ndim < 1 or x.shape[-1] != Cin:
+        raise ValueError(f"linear: x must have shape (..., {Cin}) for w of shape {tuple(w.shape)}, "
+                         f"got {tuple(x.shape)}")
+    if b is not None:
+        check_shape("linear", "b", b, (Cout,))
+    out = x @ w.T                                   # (..., Cout)
+    if b is not None:
+        out += b
+    return out, (x, w, b is not None)
+
+
+def linear_backward(dout, cache):
+    """dout (..., Cout) -> dx (..., Cin), dw (Cout, Cin), db (Cout,) or None."""
+    x, w, has_bias = cache
+    Cout, Cin = w.shape
+    x2 = x.reshape(-1, Cin)                         # (M, Cin), M = product of leading axes
+    d2 = dout.reshape(-1, Cout)                     # (M, Cout)
+    dw = d2.T @ x2                                  # (Cout, Cin)
+    db = d2.sum(axis=0) if has_bias else None
+    dx = (d2 @ w).reshape(x.shape)                  # (..., Cin)
+    return dx, dw, db

@@ -1,0 +1,281 @@
+"""Stateful layers: each wraps one pair of pure functions from minicvt.functional.
+
+Parameter names and layouts follow PyTorch (`weight`, `bias`, `running_mean`, ...), so a
+state_dict moves between the two unchanged. Initial weights are drawn on the host from a
+seeded NumPy generator (`rng`, default: backend.default_host_rng()) and then moved to the
+active backend, so NumPy and CuPy runs start from the same numbers.
+"""
+import math
+
+import numpy as np
+
+from .. import backend
+from .. import functional as F
+from ..functional._checks import pair
+from .module import Module, Parameter
+
+
+def _uniform(rng, shape, bound, dtype):
+    """U(-bound, bound) drawn on the host, moved to the active backend."""
+    return backend.to_device(rng.uniform(-bound, bound, size=shape), dtype=dtype)
+
+
+def _pytorch_default(rng, w_shape, fan_in, bias, dtype):
+    """PyTorch's default for Conv2d and Linear: kaiming_uniform(a=sqrt 5) is U(+-1/sqrt(fan_in))
+    for the weight, and the bias is U(+-1/sqrt(fan_in)) too."""
+    rng = rng or backend.default_host_rng()
+    bound = 1.0 / math.sqrt(fan_in)
+    w = Parameter(_uniform(rng, w_shape, bound, dtype))
+    b = Parameter(_uniform(rng, (w_shape[0],), bound, dtype)) if bias else None
+    return w, b
+
+
+class _WeightBias(Module):
+    """Shared by the layers with a `weight` and an optional `bias`."""
+
+    def _bias(self):
+        return self._params["bias"].data if "bias" in self._params else None
+
+    def _add_grads(self, dw, db):
+        self.weight.grad += dw
+        if db is not None:
+            self.bias.grad += db
+
+
+class Conv2d(_WeightBias):
+    """x (N, C, H, W) -> (N, F, OH, OW); weight (F, C, kh, kw), bias (F,)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
+                 dtype=np.float32, rng=None):
+        super().__init__()
+        kh, kw = pair(kernel_size, "kernel_size")
+        self.stride, self.padding = stride, padding
+        self.weight, b = _pytorch_default(rng, (out_channels, in_channels, kh, kw), in_channels * kh * kw,
+                                          bias, dtype)
+        if b is not None:
+            self.bias = b
+
+    def forward(self, x):
+        out, cache = F.conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding)
+        self._save(cache)
+        return out
+
+    def backward(self, dout):
+        dx, dw, db = F.conv2d_backward(dout, self._take())
+        self._add_grads(dw, db)
+        return dx
+
+
+class DepthwiseConv2d(_WeightBias):
+    """x (N, C, H, W) -> (N, C, OH, OW); weight (C, 1, kh, kw) as PyTorch's Conv2d(groups=C)."""
+
+    def __init__(self, channels, kernel_size, stride=1, padding=0, bias=False, dtype=np.float32, rng=None):
+        super().__init__()
+        kh, kw = pair(kernel_size, "kernel_size")
+        self.stride, self.padding = stride, padding
+        self.weight, b = _pytorch_default(rng, (channels, 1, kh, kw), kh * kw, bias, dtype)
+        if b is not None:
+            self.bias = b
+
+    def forward(self, x):
+        out, cache = F.depthwise_conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding)
+        self._save(cache)
+        return out
+
+    def backward(self, dout):
+        dx, dw, db = F.depthwise_conv2d_backward(dout, self._take())
+        self._add_grads(dw, db)
+        return dx
+
+
+class Linear(_WeightBias):
+    """x (..., Cin) -> (..., Cout); weight (Cout, Cin), bias (Cout,)."""
+
+    def __init__(self, in_features, out_features, bias=True, dtype=np.float32, rng=None):
+        super().__init__()
+        self.weight, b = _pytorch_default(rng, (out_features, in_features), in_features, bias, dtype)
+        if b is not None:
+            self.bias = b
+
+    def forward(self, x):
+        out, cache = F.linear_forward(x, self.weight.data, self._bias())
+        self._save(cache)
+        return out
+
+    def backward(self, dout):
+        dx, dw, db = F.linear_backward(dout, self._take())
+        self._add_grads(dw, db)
+        return dx
+
+
+class BatchNorm2d(Module):
+    """x (N, C, H, W) -> same. weight/bias (C,) trained; running_mean/running_var (C,) and
+    num_batches_tracked () are buffers, updated in training mode (momentum 0.1, unbiased
+    running variance, as PyTorch)."""
+
+    def __init__(self, channels, eps=1e-5, momentum=0.1, dtype=np.float32):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = Parameter(backend.to_device(np.ones(channels, dtype)))
+        self.bias = Parameter(backend.to_device(np.zeros(channels, dtype)))
+        self.register_buffer("running_mean", backend.to_device(np.zeros(channels, dtype)))
+        self.register_buffer("running_var", backend.to_device(np.ones(channels, dtype)))
+        self.register_buffer("num_batches_tracked", backend.to_device(np.zeros((), np.int64)))
+
+    def forward(self, x):
+        out, cache, (mean, var) = F.batchnorm2d_forward(
+            x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
+            self.training, self.momentum, self.eps)
+        if self.training:
+            self.running_mean, self.running_var = mean, var
+            self.num_batches_tracked = self.num_batches_tracked + 1
+        self._save(cache)
+        return out
+
+    def backward(self, dout):
+        dx, dgamma, dbeta = F.batchnorm2d_backward(dout, self._take())
+        self.weight.grad += dgamma
+        self.bias.grad += dbeta
+        return dx
+
+
+class LayerNorm(Module):
+    """x (..., C) -> same, normalised over the last axis; weight/bias (C,)."""
+
+    def __init__(self, channels, eps=1e-5, dtype=np.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(backend.to_device(np.ones(channels, dtype)))
+        self.bias = Parameter(backend.to_device(np.zeros(channels, dtype)))
+
+    def forward(self, x):
+        out, cache = F.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
+        self._save(cache)
+        return out
+
+    def backward(self, dout):
+        dx, dgamma, dbeta = F.layernorm_backward(dout, self._take())
+        self.weight.grad += dgamma
+        self.bias.grad += dbeta
+        return dx
+
+
+class GELU(Module):
+    """Elementwise GELU; approximate='none' (erf) or 'tanh', as PyTorch's nn.GELU."""
+
+    def __init__(self, approximate="none"):
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x):
+        out, cache = F.gelu_forward(x, self.approximate)
+        self._save(cache)
+        return out
+
+    def backward(self, dout):
+        return F.gelu_backward(dout, self._take())
+
+
+class QuickGELU(Module):
+    """Elementwise x * sigmoid(1.702 x), the official CvT code's activation."""
+
+    def forward(self, x):
+        out, cache = F.quick_gelu_forward(x)
+        self._save(cache)
+        return out
+
+    def backward(self, dout):
+        return F.quick_gelu_backward(dout, self._take())
+
+
+class Dropout(Module):
+    """Inverted dropout in training mode, identity in eval mode or when p == 0.
+    Masks come from `rng` (a backend.BackendRNG; default one seeded with 0)."""
+
+    def __init__(self, p=0.0, rng=None):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = p
+        self.rng = rng
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            self._save("identity")
+            return x
+        if self.rng is None:
+            self.rng = backend.BackendRNG(0)
+        out, mask = F.dropout_forward(x, F.dropout_mask(self.rng, x.shape, self.p, x.dtype))
+        self._save(mask)
+        return out
+
+    def backward(self, dout):
+        mask = self._take()
+        return dout if isinstance(mask, str) else F.dropout_backward(dout, mask)
+
+
+class AvgPool2d(Module):
+    """x (N, C, H, W) -> (N, C, OH, OW), PyTorch's nn.AvgPool2d (ceil_mode, count_include_pad)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
+        super().__init__()
+        self.args = (kernel_size, stride, padding, ceil_mode, count_include_pad)
+
+    def forward(self, x):
+        out, cache = F.avg_pool2d_forward(x, *self.args)
+        self._save(cache)
+        return out
+
+    def backward(self, dout):
+        return F.avg_pool2d_backward(dout, self._take())
+
+
+class TokenMean(Module):
+    """x (N, T, C) -> (N, C), the mean over tokens."""
+
+    def forward(self, x):
+        out, cache = F.token_mean_forward(x)
+        self._save(cache)
+        return out
+
+    def backward(self, dout):
+        return F.token_mean_backward(dout, self._take())
+
+
+class ScaledDotProductAttention(Module):
+    """Multi-head attention core: (q (N, Tq, C), k (N, Tk, C), v (N, Tk, C)) -> (N, Tq, C).
+    backward returns (dq, dk, dv). With keep_attention=True the last probabilities
+    (N, h, Tq, Tk) stay in .attention for pictures."""
+
+    def __init__(self, num_heads, scale=None):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, scale
+        self.keep_attention = False
+        self.attention = None
+
+    def forward(self, q, k, v):
+        out, cache = F.attention_forward(q, k, v, self.num_heads, self.scale)
+        self.attention = cache[3] if self.keep_attention else None
+        self._save(cache)
+        return out
+
+    def backward(self, dout):
+        return F.attention_backward(dout, self._take())
+
+
+class CrossEntropyLoss(Module):
+    """forward(logits (N, K), labels (N,)) -> scalar loss; backward(dloss=1.0) -> dlogits (N, K)."""
+
+    def __init__(self, label_smoothing=0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits, labels):
+        loss, cache = F.cross_entropy_forward(logits, labels, self.label_smoothing)
+        self._save(cache)
+        return loss
+
+    def backward(self, dout=1.0):
+        return F.cross_entropy_backward(dout, self._take())
