@@ -23,7 +23,8 @@ def check_shape(layer, name, a, expected):
     """expected is a tuple where None means 'any size'."""
     ok = a.ndim == len(expected) and all(e is None or e == s for e, s in zip(expected, a.shape))
     if not ok:
-        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        want = ", ".join("*" if e is None else str(e) for e in expected)
+        want = f"({want},)" if len(expected) == 1 else f"({want})"   # written as Python writes tuples
         raise ValueError(f"{layer}: {name} must have shape {want}, got {tuple(a.shape)}")
 
 

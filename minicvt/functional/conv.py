@@ -86,7 +86,8 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     check_float(layer, ("x", x), ("w", w), ("b", b))
     F, C, kh, kw = w.shape
     if x.shape[1] != C:
-        raise ValueError(f"conv2d: x has {x.shape[1]} channels but w expects {C} (w shape {tuple(w.shape)})")
+        raise ValueError(f"conv2d: x of shape {tuple(x.shape)} has {x.shape[1]} channels but w of shape "
+                         f"{tuple(w.shape)} expects {C}")
     if b is not None:
         check_shape(layer, "b", b, (F,))
     N = x.shape[0]

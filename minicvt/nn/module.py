@@ -125,7 +125,9 @@ class Module:
             if tuple(np.shape(value)) != tuple(target.shape):
                 raise ValueError(f"load_state_dict: {key} has shape {tuple(np.shape(value))}, "
                                  f"expected {tuple(target.shape)}")
-            new = backend.to_device(backend.to_numpy(value), dtype=target.dtype)
+            # a copy, never a view of `value`: loading another module's live state_dict must
+            # not tie the two modules' arrays together
+            new = backend.xp().array(backend.to_numpy(value), dtype=target.dtype)
             if name in m._params:
                 m._params[name].data = new
                 m._params[name].grad = backend.get_array_module(new).zeros_like(new)

@@ -1,0 +1,73 @@
+"""Training checkpoints: one `.npz` (no pickle) holding the model's state_dict, the optimiser's
+state and a JSON metadata record (epoch, config, RNG seeds, metrics).
+
+Written atomically: the file is assembled under a temporary name in the same folder, flushed
+to disk, then renamed over the old one, so a crash at any moment leaves either the previous
+checkpoint or the new one, never a torn file. Reading checks every member's CRC (zip does),
+so a corrupt file is an error, not silently wrong weights.
+"""
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_numpy
+
+FORMAT = "minicvt-checkpoint-1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+def atomic_savez(path, arrays):
+    """np.savez to path via a temporary file + fsync + rename (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path, model, optimizer, meta):
+    """model: a Module; optimizer: an Optimizer (or None); meta: a JSON-serialisable dict."""
+    arrays = {f"model/{k}": to_numpy(v) for k, v in model.state_dict().items()}
+    if optimizer is not None:
+        arrays.update({f"optim/{k}": np.asarray(v) for k, v in optimizer.state_dict().items()})
+    arrays["meta"] = np.array(json.dumps({"format": FORMAT, **meta}))   # a 0-d unicode array
+    atomic_savez(path, arrays)
+
+
+def load_checkpoint(path):
+    """(model_state, optim_state, meta) as host arrays and a dict; CheckpointError if the file
+    is missing, truncated, corrupt or not a minicvt checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}                 # reading verifies each CRC
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a .npz file ({e})") from e
+    try:
+        meta = json.loads(str(data.pop("meta")))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} has no readable metadata") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a minicvt checkpoint (format {meta.get('format')!r})")
+    model = {k[len("model/"):]: v for k, v in data.items() if k.startswith("model/")}
+    optim = {k[len("optim/"):]: v for k, v in data.items() if k.startswith("optim/")}
+    if "steps" in optim:
+        optim["steps"] = int(optim["steps"])
+    return model, optim, meta

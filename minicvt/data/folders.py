@@ -1,0 +1,129 @@
+"""Image-folder datasets: ROOT/<class>/*.jpg|png, from a directory or a .tar/.tar.gz/.tar.xz.
+
+The class index is the position of the folder name in sorted order. Images are decoded once
+(with Pillow) and cached as .npy files next to the source, or in the user cache when that
+folder is read-only; the cache is used again only while the source's size and time match.
+"""
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from .download import DataError, default_cache_dir
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _is_image(name):
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _list_directory(root):
+    """[(class_dir, name, reader)] for every image file below root."""
+    found = []
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if _is_image(f):
+                p = Path(dirpath) / f
+                found.append((str(p.parent.relative_to(root)), f, p.read_bytes))
+    return found
+
+
+def _list_tar(tar):
+    """Same, from a tar read in memory: members are never extracted, so names such as
+    '../x' cannot write anywhere; links and other non-files are ignored. Bytes are read in
+    archive order (a compressed stream cannot seek backwards cheaply)."""
+    found = []
+    for m in tar:
+        if m.isfile() and _is_image(m.name):
+            p = PurePosixPath(m.name)
+            data = tar.extractfile(m).read()
+            found.append((str(p.parent), p.name, lambda data=data: data))
+    return found
+
+
+def _decode(found, source):
+    """Group files by their folder, check they share one parent, decode to uint8 arrays."""
+    from PIL import Image
+
+    if not found:
+        raise DataError(f"{source}: no .jpg/.jpeg/.png images found (expected ROOT/<class>/*.jpg)")
+    parents = {str(PurePosixPath(d).parent) for d, _, _ in found}
+    if len(parents) != 1:
+        raise DataError(f"{source}: class folders must share one parent folder, found {sorted(parents)[:4]}")
+    classes = sorted({PurePosixPath(d).name for d, _, _ in found})
+    index = {c: i for i, c in enumerate(classes)}
+    found = sorted(found, key=lambda t: (PurePosixPath(t[0]).name, t[1]))
+    images, labels = [], []
+    for d, name, read in found:
+        with Image.open(io.BytesIO(read())) as im:
+            a = np.asarray(im.convert("RGB"), dtype=np.uint8)         # (H, W, 3)
+        if images and a.shape != images[0].shape:
+            raise DataError(f"{source}: {d}/{name} is {a.shape[1]}x{a.shape[0]}, but the first image "
+                            f"is {images[0].shape[1]}x{images[0].shape[0]}; all must share one size")
+        images.append(a)
+        labels.append(index[PurePosixPath(d).name])
+    images = np.stack(images).transpose(0, 3, 1, 2)                  # (N, H, W, 3) -> (N, 3, H, W)
+    return np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64), classes
+
+
+def _cache_paths(source):
+    """Beside the source if that folder is writable, else in the user cache. A folder whose
+    mode has no write bit counts as read-only even for root, who could write there anyway."""
+    stem = source.name.split(".")[0] if source.is_file() else source.name
+    folder = source.parent
+    if not (os.access(folder, os.W_OK) and folder.stat().st_mode & 0o222):
+        key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:10]
+        folder = default_cache_dir() / "folders" / f"{stem}-{key}"
+    return {k: folder / f"{stem}.{k}" for k in ("images.npy", "labels.npy", "meta.json")}
+
+
+def _signature(source):
+    st = source.stat()
+    return {"source": str(source.resolve()), "size": st.st_size, "mtime": st.st_mtime}
+
+
+def _atomic_save(path, write):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)                  # mkstemp makes 0600; a cache is shareable
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+
+
+def load_image_folder(path, use_cache=True):
+    """images (N, 3, H, W) uint8, labels (N,) int64, classes (list of folder names).
+    path: a directory ROOT/<class>/* or a tar archive of one."""
+    source = Path(path)
+    if not source.exists():
+        raise DataError(f"{source} does not exist")
+    paths = _cache_paths(source)
+    if use_cache and all(p.exists() for p in paths.values()):
+        meta = json.loads(paths["meta.json"].read_text())
+        if meta["signature"] == _signature(source):
+            return (np.load(paths["images.npy"], allow_pickle=False),
+                    np.load(paths["labels.npy"], allow_pickle=False), meta["classes"])
+    if source.is_dir():
+        images, labels, classes = _decode(_list_directory(source), source)
+    else:
+        try:
+            with tarfile.open(source, "r:*") as tar:
+                images, labels, classes = _decode(_list_tar(tar), source)
+        except tarfile.TarError as e:
+            raise DataError(f"{source} is neither a folder nor a readable tar archive ({e})") from e
+    if use_cache:
+        _atomic_save(paths["images.npy"], lambda f: np.save(f, images, allow_pickle=False))
+        _atomic_save(paths["labels.npy"], lambda f: np.save(f, labels, allow_pickle=False))
+        meta = {"classes": classes, "signature": _signature(source)}
+        _atomic_save(paths["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return images, labels, classes

@@ -1,0 +1,98 @@
+"""From uint8 images to training batches: split, normalise, augment, iterate.
+
+Shapes: images (N, 3, H, W) uint8, labels (N,) int64; a batch x (B, 3, H, W) float, y (B,).
+The whole uint8 set is moved to the backend once; batches are gathered, converted and
+augmented there, so on a GPU nothing but indices crosses from the host per step.
+Every random choice depends only on (seed, epoch): a run resumed at an epoch boundary draws
+exactly the batches and augmentations the uninterrupted run would have drawn.
+"""
+import numpy as np
+
+from .. import backend
+from ..backend import get_array_module
+
+
+def split_indices(n, val_size, seed=0):
+    """Deterministic train/validation split: (train_idx, val_idx), sorted, disjoint."""
+    if not 0 <= val_size < n:
+        raise ValueError(f"validation size must be in [0, {n}), got {val_size}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+
+
+def channel_stats(images):
+    """Per-channel mean and std (3,) of uint8 images (N, 3, H, W), on the 0..1 scale."""
+    x = images.astype(np.float64) / 255.0
+    return x.mean(axis=(0, 2, 3)), x.std(axis=(0, 2, 3))
+
+
+def normalize(batch_u8, mean, std, dtype=np.float32):
+    """uint8 (B, 3, H, W) -> float (x/255 - mean) / std, mean/std (3,) device arrays."""
+    x = batch_u8.astype(dtype) * (1.0 / 255.0)
+    return (x - mean[:, None, None]) / std[:, None, None]
+
+
+def random_crop(x, padding, rng):
+    """Pad by zeros and crop back to (H, W) at a random offset per image (the CIFAR recipe).
+    x (B, C, H, W) float on the backend; rng a BackendRNG. Zero padding is applied after
+    normalisation, so padded pixels are the dataset mean, as torchvision's recipe gives."""
+    if padding == 0:
+        return x
+    xp = get_array_module(x)
+    B, C, H, W = x.shape
+    xpad = xp.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))   # (B, C, H+2p, W+2p)
+    dy = rng.integers(0, 2 * padding + 1, (B,))
+    dx = rng.integers(0, 2 * padding + 1, (B,))
+    rows = dy[:, None] + xp.arange(H)                           # (B, H)
+    cols = dx[:, None] + xp.arange(W)                           # (B, W)
+    n = xp.arange(B)[:, None, None]                             # (B, 1, 1)
+    # advanced indices on axes 0, 2, 3 around a slice: the result is (B, H, W, C)
+    out = xpad[n, :, rows[:, :, None], cols[:, None, :]]
+    return xp.ascontiguousarray(out.transpose(0, 3, 1, 2))     # (B, C, H, W)
+
+
+def random_hflip(x, rng):
+    """Mirror each image left-right with probability 1/2. x (B, C, H, W)."""
+    xp = get_array_module(x)
+    flip = rng.random((x.shape[0],), dtype=x.dtype) < 0.5       # (B,)
+    return xp.where(flip[:, None, None, None], x[..., ::-1], x)
+
+
+class Loader:
+    """Batches of one split, on the active backend.
+
+    images (N, 3, H, W) uint8 and labels (N,) on the host; mean/std (3,) on the 0..1 scale.
+    `epoch(e)` yields (x (B, 3, H, W) dtype, y (B,) int64) for epoch e: shuffled by a
+    permutation seeded with (seed, e) when shuffle, augmented (random crop with `crop_padding`,
+    horizontal flip) when augment. The last partial batch is kept unless drop_last.
+    """
+
+    def __init__(self, images, labels, batch_size, mean, std, shuffle=False, augment=False,
+                 crop_padding=4, drop_last=False, seed=0, dtype=np.float32):
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise ValueError(f"Loader: images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"Loader: {images.shape[0]} images but labels of shape {labels.shape}")
+        if batch_size < 1:
+            raise ValueError(f"Loader: batch_size must be >= 1, got {batch_size}")
+        self.images = backend.to_device(images)
+        self.labels = backend.to_device(labels.astype(np.int64))
+        self.mean = backend.to_device(np.asarray(mean), dtype=dtype)
+        self.std = backend.to_device(np.asarray(std), dtype=dtype)
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.crop_padding, self.drop_last, self.seed, self.dtype = crop_padding, drop_last, seed, dtype
+
+    def __len__(self):
+        n, b = len(self.labels), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def epoch(self, e):
+        n = len(self.labels)
+        order = np.random.default_rng([self.seed, e]).permutation(n) if self.shuffle else np.arange(n)
+        rng = backend.BackendRNG(self.seed * 1_000_003 + e)   # augmentation stream of this epoch
+        for i in range(len(self)):
+            idx = backend.to_device(order[i * self.batch_size:(i + 1) * self.batch_size])
+            x = normalize(self.images[idx], self.mean, self.std, self.dtype)
+            if self.augment:
+                x = random_hflip(random_crop(x, self.crop_padding, rng), rng)
+            yield x, self.labels[idx]

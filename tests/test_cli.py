@@ -1,0 +1,90 @@
+"""The `minicvt` command: `check` proves every layer's gradients and says so; errors are one
+line on stderr and a non-zero exit, never a traceback."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import minicvt
+from minicvt import backend, cli
+
+# one word from the printed name of each layer family the check must cover
+FAMILIES = ["Conv2d", "DepthwiseConv2d", "Linear", "BatchNorm2d", "LayerNorm", "GELU", "QuickGELU",
+            "Dropout", "AvgPool2d", "TokenMean", "Attention", "CrossEntropy"]
+
+
+@pytest.fixture
+def restore_backend():
+    """`check` selects a backend for the whole process; put the previous one back."""
+    previous = backend.get_backend()
+    yield
+    backend.set_backend(previous)
+
+
+def _assert_check_output(out):
+    """A header, then one `ok` line per checked layer, then the verdict."""
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("float64 gradient checks on backend 'numpy'"), out
+    results = lines[1:-1]
+    assert all(line.split()[0] == "ok" and "max rel_error" in line for line in results), out
+    for family in FAMILIES:
+        assert any(line.split()[1] == family for line in results), \
+            f"no result line for {family}:\n{out}"
+    assert lines[-1] == "all gradients agree"
+
+
+def test_check_passes_in_process(capsys, restore_backend):
+    assert cli.main(["check", "--backend", "numpy"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    _assert_check_output(out)
+
+
+def test_check_as_python_module():
+    env = {**os.environ, "MINICVT_BACKEND": "numpy"}
+    root = Path(minicvt.__file__).parent.parent
+    proc = subprocess.run([sys.executable, "-m", "minicvt", "check"], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    _assert_check_output(proc.stdout)
+
+
+def test_check_fails_loudly_on_a_wrong_gradient(capsys, monkeypatch, restore_backend):
+    # a GELU backward off by 1% must be caught: the check can fail, and then it says so
+    right = minicvt.functional.gelu_backward
+    monkeypatch.setattr(minicvt.functional, "gelu_backward", lambda dout, cache: 1.01 * right(dout, cache))
+    assert cli.main(["check", "--backend", "numpy"]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    failed = [line.split()[1] for line in lines if line.split()[0] == "FAIL"]
+    assert failed == ["GELU", "GELU"]                     # the erf and the tanh forms
+    assert lines[-1] == "2 layer(s) FAILED"
+
+
+def test_missing_cupy_is_one_line_on_stderr(capsys, monkeypatch, restore_backend):
+    monkeypatch.setitem(sys.modules, "cupy", None)        # `import cupy` now fails on any machine
+    code = cli.main(["check", "--backend", "cupy"])
+    out, err = capsys.readouterr()
+    assert code != 0
+    assert out == ""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("minicvt check: error: backend 'cupy' needs CuPy")
+    assert "pip install" in lines[0]
+
+
+def test_unknown_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train-everything"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_no_subcommand_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    assert exit_info.value.code == 2
+    assert "required" in capsys.readouterr().err
