@@ -123,6 +123,16 @@ def erf(x):
     return scipy_erf(x)
 
 
+def erfc(x):
+    """Elementwise complementary error function 1 - erf(x), like `erf` above. For large x it
+    keeps the digits that 1 - erf(x) would lose to cancellation (exact GELU's left tail)."""
+    if is_cupy_array(x):
+        from cupyx.scipy.special import erfc as cupy_erfc
+        return cupy_erfc(x)
+    from scipy.special import erfc as scipy_erfc
+    return scipy_erfc(x)
+
+
 def host_rng(seed):
     """Seeded NumPy generator for initial weights: same numbers on every backend."""
     return np.random.default_rng(seed)

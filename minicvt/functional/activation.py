@@ -20,15 +20,17 @@ def gelu_forward(x, approximate="none"):
     """GELU(x) = x * Phi(x), Phi the standard normal CDF (PyTorch's nn.GELU).
 
     approximate='none':  Phi(x) = (1 + erf(x / sqrt 2)) / 2                 (exact)
-    approximate='tanh':  Phi(x) ~ (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) / 2
-    cache: x and what the derivative reuses (Phi(x), or the tanh value).
+    approximate='tanh':  Phi(x) ~ (1 + tanh(u)) / 2,  u = sqrt(2/pi) (x + 0.044715 x^3)
+    Both are evaluated without the sum 1 + (something near -1), which for x < -5 cancels
+    most float64 digits: (1 + erf(z)) / 2 as erfc(-z) / 2, and (1 + tanh u) / 2 as sigmoid(2u).
+    cache: x and the Phi(x) value, which the derivative reuses.
     """
     if approximate == "none":
-        cdf = 0.5 * (1.0 + backend.erf(x * _SQRT_HALF))
+        cdf = 0.5 * backend.erfc(-x * _SQRT_HALF)
         return x * cdf, ("none", x, cdf)
     if approximate == "tanh":
-        t = get_array_module(x).tanh(_SQRT_2_OVER_PI * (x + _TANH_C * x * x * x))
-        return 0.5 * x * (1.0 + t), ("tanh", x, t)
+        s = _sigmoid(2.0 * _SQRT_2_OVER_PI * (x + _TANH_C * x * x * x))
+        return x * s, ("tanh", x, s)
     raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
@@ -39,14 +41,18 @@ def gelu_backward(dout, cache):
     if kind == "none":
         pdf = _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
         return dout * (a + x * pdf)
-    # tanh form: d/dx [x (1 + t) / 2] = (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3c x^2)
+    # tanh form, s = sigmoid(2u): d/dx [x s] = s + x * 2 s (1 - s) * du/dx,
+    # du/dx = sqrt(2/pi) (1 + 3c x^2); the same as (1 + t)/2 + x/2 (1 - t^2) du/dx, t = tanh u
     du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_C * x * x)
-    return dout * (0.5 * (1.0 + a) + 0.5 * x * (1.0 - a * a) * du)
+    return dout * (a + 2.0 * x * a * (1.0 - a) * du)
 
 
 def _sigmoid(z):
-    # written with tanh so no exp can overflow for large |z|
-    return 0.5 * (1.0 + get_array_module(z).tanh(0.5 * z))
+    """1 / (1 + exp(-z)) through e = exp(-|z|) <= 1, so no exp can overflow, and small values
+    for z << 0 are e / (1 + e), not 1 minus something close to 1."""
+    xp = get_array_module(z)
+    e = xp.exp(-xp.abs(z))
+    return xp.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def quick_gelu_forward(x):

@@ -1,0 +1,92 @@
+"""Checkpoints: round trip, atomic writes under a crash, corrupt and foreign files."""
+import numpy as np
+import pytest
+
+from minicvt import backend, checkpoint, nn
+from minicvt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from minicvt.optim import SGD
+
+
+def _model_and_optimizer(seed):
+    backend.manual_seed(seed)
+    model = nn.Sequential([nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)])
+    x = backend.to_device(np.random.default_rng(seed).standard_normal((2, 3, 5, 5)), dtype=np.float32)
+    out = model.forward(x)                       # moves the BN running statistics
+    model.backward(backend.xp().ones_like(out))
+    opt = SGD(list(model.named_parameters()), lr=0.1, momentum=0.9)
+    opt.step()
+    return model, opt
+
+
+def test_round_trip(tmp_path, xp):
+    model, opt = _model_and_optimizer(0)
+    save_checkpoint(tmp_path / "c.npz", model, opt, {"epoch": 3, "note": "é"})
+    model_state, optim_state, meta = load_checkpoint(tmp_path / "c.npz")
+    assert meta["epoch"] == 3 and meta["note"] == "é" and meta["format"] == checkpoint.FORMAT
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(model_state[k], backend.to_numpy(v), err_msg=k)
+    assert "1.running_mean" in model_state and "1.num_batches_tracked" in model_state
+    assert optim_state["steps"] == 1
+    for k, v in opt.state.items():
+        np.testing.assert_array_equal(optim_state[k], backend.to_numpy(v))
+    # the arrays restore into fresh objects
+    other, other_opt = _model_and_optimizer(1)
+    other.load_state_dict(model_state)
+    other_opt.load_state_dict(optim_state)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(backend.to_numpy(other.state_dict()[k]), backend.to_numpy(v))
+
+
+def test_crash_while_writing_keeps_previous(tmp_path, monkeypatch):
+    model, opt = _model_and_optimizer(0)
+    path = tmp_path / "last.npz"
+    save_checkpoint(path, model, opt, {"epoch": 1})
+
+    def crash(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, opt, {"epoch": 2})
+    monkeypatch.undo()
+    _, _, meta = load_checkpoint(path)           # the previous checkpoint, intact
+    assert meta["epoch"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.npz"]   # no temporary left
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "not-npz"])
+def test_corrupt_file_is_an_error(tmp_path, damage):
+    model, opt = _model_and_optimizer(0)
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, model, opt, {"epoch": 1})
+    raw = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip":                       # a flipped byte inside the conv weight's data
+        i = raw.index(b"\x93NUMPY", raw.index(b"model/0.weight.npy")) + 128 + 40
+        path.write_bytes(raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_text("hello")
+    with pytest.raises(CheckpointError, match="corrupt|metadata"):
+        load_checkpoint(path)
+
+
+def test_missing_and_foreign_files(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.npz")
+    np.savez(tmp_path / "weights.npz", w=np.zeros(3))
+    with pytest.raises(CheckpointError, match="metadata"):
+        load_checkpoint(tmp_path / "weights.npz")
+    np.savez(tmp_path / "other.npz", meta=np.array('{"format": "something-else"}'))
+    with pytest.raises(CheckpointError, match="not a minicvt checkpoint"):
+        load_checkpoint(tmp_path / "other.npz")
+
+
+def test_no_pickle_needed(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    save_checkpoint(tmp_path / "c.npz", model, opt, {"epoch": 0})
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as z:   # raises if any member is an object array
+        assert all(z[k].dtype != object for k in z.files)
