@@ -57,7 +57,11 @@ def download(url, dest, md5, timeout=60, progress=True):
                            disable=not progress)
                 received = 0
                 while True:
-                    block = response.read(1 << 16)
+                    try:
+                        block = response.read(1 << 16)
+                    except OSError as e:           # connection reset, socket timeout, ...
+                        raise DataError(f"download of {url} broke off after {received} bytes ({e}); "
+                                        f"nothing was kept, run again") from e
                     if not block:
                         break
                     out.write(block)

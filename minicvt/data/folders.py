@@ -2,14 +2,18 @@
 
 The class index is the position of the folder name in sorted order. Images are decoded once
 (with Pillow) and cached as .npy files next to the source, or in the user cache when that
-folder is read-only; the cache is used again only while the source's size and time match.
+folder is read-only; the cache is used again only while the source's size and time (for a
+folder, those of every image in it) match.
 """
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -36,12 +40,16 @@ def _list_directory(root):
 
 def _list_tar(tar):
     """Same, from a tar read in memory: members are never extracted, so names such as
-    '../x' cannot write anywhere; links and other non-files are ignored. Bytes are read in
-    archive order (a compressed stream cannot seek backwards cheaply)."""
+    '../x' cannot write anywhere; links and other non-files are ignored. A name that leaves
+    the archive's folder ('../x', '/x') is refused: its folder would become a class. Bytes are
+    read in archive order (a compressed stream cannot seek backwards cheaply)."""
     found = []
     for m in tar:
         if m.isfile() and _is_image(m.name):
             p = PurePosixPath(m.name)
+            if p.is_absolute() or ".." in p.parts:
+                raise DataError(f"{tar.name}: member {m.name!r} points outside the archive's folder; "
+                                f"refusing this archive")
             data = tar.extractfile(m).read()
             found.append((str(p.parent), p.name, lambda data=data: data))
     return found
@@ -53,6 +61,9 @@ def _decode(found, source):
 
     if not found:
         raise DataError(f"{source}: no .jpg/.jpeg/.png images found (expected ROOT/<class>/*.jpg)")
+    loose = [name for d, name, _ in found if not PurePosixPath(d).name]   # d is '.' at ROOT
+    if loose:
+        raise DataError(f"{source}: {loose[0]} is not inside a class folder (expected ROOT/<class>/*.jpg)")
     parents = {str(PurePosixPath(d).parent) for d, _, _ in found}
     if len(parents) != 1:
         raise DataError(f"{source}: class folders must share one parent folder, found {sorted(parents)[:4]}")
@@ -61,8 +72,11 @@ def _decode(found, source):
     found = sorted(found, key=lambda t: (PurePosixPath(t[0]).name, t[1]))
     images, labels = [], []
     for d, name, read in found:
-        with Image.open(io.BytesIO(read())) as im:
-            a = np.asarray(im.convert("RGB"), dtype=np.uint8)         # (H, W, 3)
+        try:
+            with Image.open(io.BytesIO(read())) as im:
+                a = np.asarray(im.convert("RGB"), dtype=np.uint8)     # (H, W, 3)
+        except (OSError, SyntaxError) as e:   # what Pillow raises for a file it cannot decode
+            raise DataError(f"{source}: {d}/{name} is not a readable image ({e})") from e
         if images and a.shape != images[0].shape:
             raise DataError(f"{source}: {d}/{name} is {a.shape[1]}x{a.shape[0]}, but the first image "
                             f"is {images[0].shape[1]}x{images[0].shape[0]}; all must share one size")
@@ -75,7 +89,7 @@ def _decode(found, source):
 def _cache_paths(source):
     """Beside the source if that folder is writable, else in the user cache. A folder whose
     mode has no write bit counts as read-only even for root, who could write there anyway."""
-    stem = source.name.split(".")[0] if source.is_file() else source.name
+    stem = source.resolve().name         # 'train.tar.xz' and 'train/' get different caches
     folder = source.parent
     if not (os.access(folder, os.W_OK) and folder.stat().st_mode & 0o222):
         key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:10]
@@ -84,6 +98,14 @@ def _cache_paths(source):
 
 
 def _signature(source):
+    """Size and time of a tar; for a folder, of every image below it (the folder's own time
+    does not change when a file inside one of its class folders is added or rewritten)."""
+    if source.is_dir():
+        h = hashlib.sha1()
+        for d, name, _ in sorted(_list_directory(source), key=lambda t: t[:2]):
+            st = (source / d / name).stat()
+            h.update(f"{d}/{name} {st.st_size} {st.st_mtime_ns}\n".encode())
+        return {"source": str(source.resolve()), "images": h.hexdigest()}
     st = source.stat()
     return {"source": str(source.resolve()), "size": st.st_size, "mtime": st.st_mtime}
 
@@ -119,7 +141,8 @@ def load_image_folder(path, use_cache=True):
         try:
             with tarfile.open(source, "r:*") as tar:
                 images, labels, classes = _decode(_list_tar(tar), source)
-        except tarfile.TarError as e:
+        # a truncated or corrupt .gz/.xz stream raises its own errors, not TarError
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as e:
             raise DataError(f"{source} is neither a folder nor a readable tar archive ({e})") from e
     if use_cache:
         _atomic_save(paths["images.npy"], lambda f: np.save(f, images, allow_pickle=False))

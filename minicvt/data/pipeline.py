@@ -29,6 +29,8 @@ def channel_stats(images):
 def normalize(batch_u8, mean, std, dtype=np.float32):
     """uint8 (B, 3, H, W) -> float (x/255 - mean) / std, mean/std (3,) device arrays."""
     x = batch_u8.astype(dtype) * (1.0 / 255.0)
+    # float64 statistics (as channel_stats gives) would otherwise promote the whole batch
+    mean, std = mean.astype(dtype, copy=False), std.astype(dtype, copy=False)
     return (x - mean[:, None, None]) / std[:, None, None]
 
 

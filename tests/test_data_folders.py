@@ -1,0 +1,240 @@
+"""Image folders ROOT/<class>/*.png|jpg, read from a directory or a tar: classes in sorted order,
+exact pixels, the .npy cache (written, reused, rebuilt, or put in the user cache when the
+source's folder is read-only), and errors that name the file at fault."""
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minicvt.data import DataError, load_dataset, load_image_folder
+
+H, W = 6, 8
+# created in this (unsorted) order; the class index is the position in sorted order
+_CLASSES = ("zebra", "ant", "moth")
+_CACHE_FILES = ("images.npy", "labels.npy", "meta.json")
+
+
+def _png(path, pixels, mode="RGB"):
+    Image.fromarray(pixels, mode=mode).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """(root, expected images (N, 3, H, W) uint8 in load order, labels (N,), classes).
+    Each class has two RGB PNGs (random pixels), and 'ant' also a grayscale PNG and a flat-colour
+    JPEG; load order is (class name, file name)."""
+    rng = np.random.default_rng(3)
+    root = tmp_path / "src" / "imgs"
+    expected = {}
+    for c in _CLASSES:
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)   # (H, W, 3)
+            _png(root / c / f"{i}.png", pixels)
+            expected[(c, f"{i}.png")] = pixels.transpose(2, 0, 1)       # (3, H, W)
+    gray = rng.integers(0, 256, (H, W), dtype=np.uint8)
+    _png(root / "ant" / "g.png", gray, mode="L")
+    expected[("ant", "g.png")] = np.stack([gray] * 3)                    # RGB of gray: v, v, v
+    Image.new("RGB", (W, H), (200, 30, 90)).save(root / "ant" / "j.jpg", quality=95)
+    expected[("ant", "j.jpg")] = None                                    # lossy: checked apart
+    (root / "moth" / "notes.txt").write_text("not an image")             # ignored
+    keys = sorted(expected)
+    classes = sorted(_CLASSES)
+    labels = np.array([classes.index(c) for c, _ in keys], dtype=np.int64)
+    return root, keys, [expected[k] for k in keys], labels, classes
+
+
+def _check(result, folder):
+    """The loaded (images, labels, classes) against what the fixture wrote."""
+    images, labels, classes = result
+    _, keys, expected, want_labels, want_classes = folder
+    assert classes == want_classes == ["ant", "moth", "zebra"]
+    assert images.dtype == np.uint8 and images.shape == (len(keys), 3, H, W)
+    assert labels.dtype == np.int64
+    np.testing.assert_array_equal(labels, want_labels)
+    for k, got, want in zip(keys, images, expected):
+        if want is None:
+            # JPEG is lossy; a flat colour at quality 95 comes back within a few levels
+            assert np.abs(got.astype(int) - np.array([200, 30, 90])[:, None, None]).max() <= 3, k
+        else:
+            np.testing.assert_array_equal(got, want, err_msg=str(k))
+
+
+def _tar(root, path, mode, arcname="train"):
+    with tarfile.open(path, mode) as tar:
+        tar.add(root, arcname=arcname)
+    return path
+
+
+def _tree(top):
+    return sorted(str(p.relative_to(top)) for p in Path(top).rglob("*"))
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def test_directory_gives_sorted_classes_and_exact_pixels(folder):
+    _check(load_image_folder(folder[0], use_cache=False), folder)
+
+
+@pytest.mark.parametrize("suffix, mode", [(".tar", "w"), (".tar.gz", "w:gz"), (".tar.xz", "w:xz")])
+@pytest.mark.parametrize("arcname", ["train", "."])
+def test_tar_gives_the_same_arrays(folder, tmp_path, suffix, mode, arcname):
+    # 'train/<class>/..' as in the shared archive, and './<class>/..' as `tar -C ROOT .` writes
+    path = _tar(folder[0], tmp_path / f"train{suffix}", mode, arcname)
+    _check(load_image_folder(path, use_cache=False), folder)
+    _check(load_dataset(path), folder)            # the same path through the public entry
+
+
+def test_symlinks_in_a_tar_are_ignored_and_nothing_is_written_outside(folder, tmp_path):
+    (tmp_path / "box").mkdir()
+    path = _tar(folder[0], tmp_path / "box" / "train.tar", "w")
+    outside = tmp_path / "outside.png"
+    with tarfile.open(path, "a") as tar:
+        links = [("train/ant/link.png", "../../outside.png"), ("train/moth/abs.png", "/etc/passwd")]
+        for name, target in links:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    before = _tree(tmp_path.parent)
+    _check(load_image_folder(path), folder)       # the links are neither followed nor counted
+    new = sorted(set(_tree(tmp_path.parent)) - set(before))
+    assert new == [f"{tmp_path.name}/box/train.tar.{f}" for f in _CACHE_FILES]
+    assert not outside.exists()
+
+
+@pytest.mark.parametrize("evil", ["../evil.png", "train/../../evil.png", "/tmp/evil.png"])
+def test_member_outside_the_archive_folder_is_refused_by_name(folder, tmp_path, evil):
+    # such a name is never extracted (tars are read in memory); without this check its folder
+    # '..' or '/tmp' would silently become a class
+    path = _tar(folder[0], tmp_path / "train.tar", "w", arcname=".")
+    with tarfile.open(path, "a") as tar:
+        info = tarfile.TarInfo(evil)
+        payload = (folder[0] / "ant" / "0.png").read_bytes()
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    before = _tree(tmp_path.parent)
+    with pytest.raises(DataError, match=rf"member '{evil}'"):
+        load_image_folder(path)
+    assert _tree(tmp_path.parent) == before and not Path("/tmp/evil.png").exists()
+
+
+# -- the .npy cache -----------------------------------------------------------------------------
+
+def _forbid_decoding(monkeypatch):
+    """From now on any image decode fails the test: a load must come from the cache."""
+    def refuse(*args, **kwargs):
+        pytest.fail("an image was decoded although the cache was valid")
+    monkeypatch.setattr(Image, "open", refuse)
+
+
+def test_cache_is_written_next_to_the_source_and_reused(folder, monkeypatch):
+    root = folder[0]
+    first = load_image_folder(root)
+    for f in _CACHE_FILES:
+        assert (root.parent / f"imgs.{f}").is_file()
+    np.testing.assert_array_equal(np.load(root.parent / "imgs.images.npy"), first[0])
+    np.testing.assert_array_equal(np.load(root.parent / "imgs.labels.npy"), first[1])
+    _forbid_decoding(monkeypatch)
+    _check(load_image_folder(root), folder)
+
+
+def test_tar_cache_is_rebuilt_when_the_tar_changes(folder, tmp_path, monkeypatch):
+    path = _tar(folder[0], tmp_path / "train.tar.gz", "w:gz")
+    _check(load_image_folder(path), folder)
+    st = path.stat()
+    # a new archive with one more image, given a later time
+    _png(folder[0] / "zebra" / "9.png", np.full((H, W, 3), 7, np.uint8))
+    _tar(folder[0], path, "w:gz")
+    os.utime(path, (st.st_atime + 10, st.st_mtime + 10))
+    images, labels, _ = load_image_folder(path)
+    assert len(images) == len(folder[1]) + 1
+    assert labels[-1] == 2 and (images[-1] == 7).all()          # zebra/9.png sorts last
+
+
+@pytest.mark.parametrize("change", ["add", "rewrite"])
+def test_directory_cache_is_rebuilt_when_an_image_inside_changes(folder, change):
+    # a change inside a class folder leaves the root folder's own size and time untouched
+    root = folder[0]
+    load_image_folder(root)
+    target = root / "moth" / ("5.png" if change == "add" else "0.png")
+    old = (root / "moth" / "1.png").stat()
+    _png(target, np.full((H, W, 3), 9, np.uint8))
+    os.utime(target, (old.st_atime + 10, old.st_mtime + 10))     # later even on a coarse clock
+    images, labels, classes = load_image_folder(root)
+    keys = [k for k in folder[1] if k != ("moth", "0.png") or change == "add"]
+    keys = sorted(keys + [("moth", target.name)])
+    assert len(images) == len(keys)
+    np.testing.assert_array_equal(images[keys.index(("moth", target.name))], 9)
+
+
+def test_read_only_source_folder_puts_the_cache_in_the_user_cache(folder, tmp_path, monkeypatch):
+    root = folder[0]
+    monkeypatch.setenv("MINICVT_CACHE", str(tmp_path / "usercache"))
+    before = _tree(root.parent)
+    os.chmod(root.parent, 0o555)
+    try:
+        _check(load_image_folder(root), folder)
+        assert _tree(root.parent) == before        # nothing written beside the source
+        cached = sorted(p.name for p in (tmp_path / "usercache" / "folders").rglob("*.*"))
+        assert cached == sorted(f"imgs.{f}" for f in _CACHE_FILES)
+        _forbid_decoding(monkeypatch)
+        _check(load_image_folder(root), folder)   # and found there the next time
+    finally:
+        os.chmod(root.parent, 0o755)
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+def test_images_of_different_sizes_name_the_file(folder):
+    _png(folder[0] / "moth" / "small.png", np.zeros((5, 5, 3), np.uint8))
+    with pytest.raises(DataError, match=r"moth/small\.png is 5x5, but the first image is 8x6"):
+        load_image_folder(folder[0], use_cache=False)
+
+
+def test_undecodable_image_names_the_file(folder):
+    (folder[0] / "zebra" / "broken.png").write_bytes(b"\x89PNG but not really")
+    with pytest.raises(DataError, match=r"zebra/broken\.png is not a readable image"):
+        load_image_folder(folder[0], use_cache=False)
+
+
+def test_images_outside_a_class_folder_are_refused(tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    _png(root / "a.png", np.zeros((H, W, 3), np.uint8))
+    with pytest.raises(DataError, match=r"a\.png is not inside a class folder"):
+        load_image_folder(root, use_cache=False)
+
+
+def test_empty_folder_is_a_data_error(tmp_path):
+    (tmp_path / "empty" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"no \.jpg/\.jpeg/\.png images found"):
+        load_image_folder(tmp_path / "empty")
+
+
+def test_missing_path_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"does not exist"):
+        load_image_folder(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("suffix, mode", [(".tar", "w"), (".tar.gz", "w:gz"), (".tar.xz", "w:xz")])
+def test_truncated_archive_is_a_data_error(folder, tmp_path, suffix, mode):
+    path = _tar(folder[0], tmp_path / f"train{suffix}", mode)
+    if suffix == ".tar":   # cut inside the last image (the second half may be only padding)
+        with tarfile.open(path) as tar:
+            cut = max(m.offset_data for m in tar if m.isfile()) + 10
+    else:                  # cut the compressed stream in half
+        cut = path.stat().st_size // 2
+    path.write_bytes(path.read_bytes()[:cut])
+    with pytest.raises(DataError, match=r"neither a folder nor a readable tar archive"):
+        load_image_folder(path)
+
+
+def test_file_that_is_not_a_tar_is_a_data_error(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(DataError, match=r"notes\.txt is neither a folder nor a readable tar archive"):
+        load_image_folder(path)
