@@ -1,11 +1,16 @@
 """The `minicvt` command (also `python -m minicvt`).
 
     minicvt check [--backend numpy|cupy]     prove every layer's gradients on this machine
+    minicvt summary --config NAME            per-stage tokens, channels, parameters, MACs
+    minicvt train --data PATH [options]      train a CvT; --resume continues an interrupted run
+    minicvt eval --checkpoint CKPT --data PATH   accuracy and a per-class table
 
 Errors print one line on stderr and exit non-zero.
 """
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -67,6 +72,58 @@ def cmd_check(args):
     return 1 if failed else 0
 
 
+def cmd_summary(args):
+    """Print a config's per-stage token grid, channels, parameters and multiply-accumulates."""
+    from .models.summary import format_summary
+    print(format_summary(args.config, num_classes=args.num_classes, image_size=args.image_size))
+    return 0
+
+
+def cmd_train(args):
+    """Train (or, with --resume, continue) a run in --out."""
+    from dataclasses import asdict, fields
+
+    from .checkpoint import load_checkpoint
+    from .train import TrainConfig, Trainer
+
+    backend.set_backend(args.backend)
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if args.resume:
+        # the run's settings come from its checkpoint; a flag given now must agree with them
+        saved = load_checkpoint(Path(args.out) / "last.npz")[2]["train_config"]
+        clash = {k: (saved[k], v) for k, v in given.items() if saved.get(k) != v}
+        if clash:
+            raise ValueError(f"--resume: these flags differ from the run in {args.out} "
+                             f"(saved, given): {clash}")
+        tc = TrainConfig(**saved)
+    else:
+        tc = TrainConfig(**given)
+    trainer = Trainer(tc, args.out, progress=not args.quiet)
+    if args.resume:
+        trainer.resume()
+    print(f"training {tc.model} on {tc.data} with {args.backend}: "
+          f"{len(trainer.train_loader) * tc.batch_size} images/epoch, {tc.epochs} epochs -> {args.out}")
+    print(json.dumps(asdict(tc)))
+    trainer.fit()
+    print(f"done: best validation accuracy {trainer.best_acc:.4f}; checkpoints in {args.out}")
+    return 0
+
+
+def cmd_eval(args):
+    """Accuracy of a checkpoint on a dataset, with a per-class table."""
+    from .train import evaluate_checkpoint
+
+    backend.set_backend(args.backend)
+    loss, acc, per_class, classes, n = evaluate_checkpoint(args.checkpoint, args.data, args.split,
+                                                          args.batch_size)
+    print(f"{args.checkpoint} on {args.data} ({args.split} split, {n} images): "
+          f"accuracy {acc:.4f}, loss {loss:.4f}")
+    print(f"{'class':<14}accuracy")
+    for name, a in zip(classes, per_class):
+        print(f"{name:<14}{a:.4f}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minicvt", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +132,44 @@ def build_parser():
                    help="array backend (default: MINICVT_BACKEND or numpy)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_check)
+    p = sub.add_parser("summary", help="per-stage shapes, parameters and MACs of a named config")
+    p.add_argument("--config", required=True,
+                   help="cvt-13, cvt-21, cvt-w24, cvt-cifar-s or cvt-cifar-m")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the config's")
+    p.add_argument("--image-size", type=int, default=None, help="square input side; default: the config's")
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("train", help="train a CvT (defaults: see docs/training.md)")
+    p.add_argument("--config", dest="model", help="model config (default cvt-cifar-s)")
+    p.add_argument("--data", help="'cifar10' (download), the official archive, or an image folder / its tar")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--min-lr", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--clip-grad", type=float, help="max gradient norm (0: off)")
+    p.add_argument("--val-size", type=int, help="images held out for validation (default 5000)")
+    p.add_argument("--limit-train", type=int, help="train on only this many images (quick runs)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--dtype", choices=["float32", "float64"])
+    p.add_argument("--out", default="runs/cvt", help="output folder (checkpoints, metrics, curves)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.npz")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="accuracy of a checkpoint, with a per-class table")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", choices=["val", "all", "test"], default="val",
+                   help="val: the run's held-out images of --data; all: every image; "
+                        "test: the official archive's test batch")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -82,11 +177,19 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if getattr(args, "backend", "x") is None:
         args.backend = backend.get_backend()
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .train import DivergedError
     try:
         return args.func(args)
-    except (backend.BackendError, ValueError, FileNotFoundError) as e:
+    except (backend.BackendError, ValueError, FileNotFoundError, DataError, CheckpointError,
+            DivergedError) as e:
         print(f"minicvt {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = f"; continue with: minicvt train --resume --out {args.out}" if args.command == "train" else ""
+        print(f"minicvt {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

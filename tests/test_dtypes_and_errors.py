@@ -159,6 +159,7 @@ MODULES = {
     "GELU[tanh]": lambda r, dt: (nn.GELU("tanh"), (r(3, 5, dtype=dt),)),
     "QuickGELU": lambda r, dt: (nn.QuickGELU(), (r(3, 5, dtype=dt),)),
     "Dropout": lambda r, dt: (nn.Dropout(0.3, rng=backend.BackendRNG(0)), (r(3, 5, dtype=dt),)),
+    "DropPath": lambda r, dt: (nn.DropPath(0.3, rng=backend.BackendRNG(0)), (r(4, 3, 5, dtype=dt),)),
     "AvgPool2d": lambda r, dt: (nn.AvgPool2d(3, 2, 1, ceil_mode=True), (r(2, 3, 5, 6, dtype=dt),)),
     "TokenMean": lambda r, dt: (nn.TokenMean(), (r(2, 4, 6, dtype=dt),)),
     "ScaledDotProductAttention": lambda r, dt: (

@@ -115,6 +115,16 @@ def test_attention_gradients(xp, rand, N, Tq, Tk, C, heads, scale):
     report.assert_ok(TOL)
 
 
+def test_attention_gradients_with_dropped_probabilities(xp, rand):
+    """attn_drop: a fixed mask on the probabilities (N, h, Tq, Tk) enters the forward as
+    p * mask and the backward through the same product."""
+    N, Tq, Tk, C, h = 2, 5, 3, 8, 2
+    mask = F.dropout_mask(backend.BackendRNG(1), (N, h, Tq, Tk), 0.3, np.float64)
+    assert (backend.to_numpy(mask) == 0).any()
+    check_function(lambda q, k, v: F.attention_forward(q, k, v, h, None, mask), F.attention_backward,
+                   {"q": rand(N, Tq, C), "k": rand(N, Tk, C), "v": rand(N, Tk, C)}).assert_ok(TOL)
+
+
 @pytest.mark.parametrize("heads, scale", [(2, None), (4, 8 ** -0.5)], ids=["h2", "h4-scaleC"])
 def test_attention_module_gradients(xp, rand, heads, scale):
     m = nn.ScaledDotProductAttention(heads, scale)

@@ -35,13 +35,15 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(N, T, h * d)
 
 
-def attention_forward(q, k, v, num_heads, scale=None):
+def attention_forward(q, k, v, num_heads, scale=None, drop_mask=None):
     """Multi-head attention: softmax(q k^T * scale) v, per head.
 
     q (N, Tq, C), k (N, Tk, C), v (N, Tk, C) -> out (N, Tq, C).
     scale defaults to d ** -0.5; the official CvT code uses C ** -0.5 (see docs/attention.md).
-    cache: the per-head q, k, v (N, h, T*, d) and the attention probabilities p (N, h, Tq, Tk),
-    which the backward needs and attention maps are drawn from (cache[3]).
+    drop_mask (N, h, Tq, Tk) or None: a dropout mask on the probabilities (the official
+    attn_drop), applied as p * mask before the product with v.
+    cache: the per-head q, k, v (N, h, T*, d), the attention probabilities p (N, h, Tq, Tk),
+    which the backward needs and attention maps are drawn from (cache[3]), and the mask.
     """
     layer = "attention"
     for name, a in (("q", q), ("k", k), ("v", v)):
@@ -58,17 +60,21 @@ def attention_forward(q, k, v, num_heads, scale=None):
     qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
     scores = (qh @ kh.transpose(0, 1, 3, 2)) * scale          # (N, h, Tq, Tk)
     p, _ = softmax_forward(scores)                            # (N, h, Tq, Tk)
-    out = merge_heads(p @ vh)                                 # (N, h, Tq, d) -> (N, Tq, C)
-    return out, (qh, kh, vh, p, scale)
+    pd = p if drop_mask is None else p * drop_mask            # dropped-out probabilities
+    out = merge_heads(pd @ vh)                                # (N, h, Tq, d) -> (N, Tq, C)
+    return out, (qh, kh, vh, p, scale, drop_mask)
 
 
 def attention_backward(dout, cache):
     """dout (N, Tq, C) -> dq (N, Tq, C), dk (N, Tk, C), dv (N, Tk, C)."""
-    qh, kh, vh, p, scale = cache
+    qh, kh, vh, p, scale, drop_mask = cache
     h = qh.shape[1]
+    pd = p if drop_mask is None else p * drop_mask
     douth = split_heads(dout, h)                              # (N, h, Tq, d)
-    dv = p.transpose(0, 1, 3, 2) @ douth                      # (N, h, Tk, d)
-    dp = douth @ vh.transpose(0, 1, 3, 2)                     # (N, h, Tq, Tk)
+    dv = pd.transpose(0, 1, 3, 2) @ douth                     # (N, h, Tk, d)
+    dp = douth @ vh.transpose(0, 1, 3, 2)                     # (N, h, Tq, Tk), w.r.t. pd
+    if drop_mask is not None:
+        dp = dp * drop_mask                                   # back through p * mask
     dscores = softmax_backward(dp, (p, -1)) * scale           # (N, h, Tq, Tk)
     dq = dscores @ kh                                         # (N, h, Tq, d)
     dk = dscores.transpose(0, 1, 3, 2) @ qh                   # (N, h, Tk, d)

@@ -29,7 +29,9 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
     C = x.shape[1]
     for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
                     ("running_var", running_var)):
-        check_shape(layer, name, a, (C,))
+        if tuple(a.shape) != (C,):       # usually x is the culprit: name its shape too
+            raise ValueError(f"batchnorm2d: {name} must have shape ({C},), got {tuple(a.shape)} "
+                             f"(x has shape {tuple(x.shape)})")
     xp = get_array_module(x)
     if training:
         M = x.shape[0] * x.shape[2] * x.shape[3]

@@ -201,19 +201,41 @@ class Dropout(Module):
         self.p = p
         self.rng = rng
 
-    def forward(self, x):
+    def mask_shape(self, x_shape):
+        """One draw per entry."""
+        return x_shape
+
+    def mask(self, x_shape, dtype):
+        """A mask (0 or 1/(1-p)) for an input of x_shape, or None when this module is the
+        identity (eval mode or p == 0)."""
         if not self.training or self.p == 0.0:
-            self._save("identity")
-            return x
+            return None
         if self.rng is None:
             self.rng = backend.BackendRNG(0)
-        out, mask = F.dropout_forward(x, F.dropout_mask(self.rng, x.shape, self.p, x.dtype))
-        self._save(mask)
+        return F.dropout_mask(self.rng, self.mask_shape(x_shape), self.p, dtype)
+
+    def forward(self, x):
+        mask = self.mask(x.shape, x.dtype)
+        if mask is None:
+            self._save("identity")
+            return x
+        out, cache = F.dropout_forward(x, mask)
+        self._save(cache)
         return out
 
     def backward(self, dout):
         mask = self._take()
         return dout if isinstance(mask, str) else F.dropout_backward(dout, mask)
+
+
+class DropPath(Dropout):
+    """Stochastic depth (timm's DropPath, on the official CvT blocks' residual branches): in
+    training each sample's whole branch is dropped with probability p and a kept one is scaled
+    by 1/(1-p); identity in eval mode or when p == 0.
+    x (N, ...) -> same; the mask has shape (N, 1, ..., 1) and broadcasts over the rest."""
+
+    def mask_shape(self, x_shape):
+        return (x_shape[0],) + (1,) * (len(x_shape) - 1)            # one draw per sample
 
 
 class AvgPool2d(Module):

@@ -1,0 +1,88 @@
+"""Weights in and out: our own `.npz` files, and the official / PyTorch state_dict.
+
+Our file: one array per state_dict key (parameters and BatchNorm buffers, the official names)
+plus the config as a JSON string under `__config__`, read back with allow_pickle=False, so a
+file can only ever hold numbers and text.
+
+PyTorch and the official code store the same names with the same layouts (conv (F, C, kh, kw),
+depthwise conv (C, 1, kh, kw), linear (out, in), class token (1, 1, C)), because minicvt keeps
+PyTorch's layouts throughout; importing is therefore a matter of names, device and dtype.
+"""
+from pathlib import Path
+
+import numpy as np
+
+from .. import backend
+from ..checkpoint import atomic_savez
+from .configs import CvTConfig
+from .cvt import ConvolutionalVisionTransformer
+
+CONFIG_KEY = "__config__"
+
+
+def save(model, path):
+    """Write model's parameters, buffers and config to `path` ('.npz' is added if missing),
+    atomically: a crash while writing leaves any previous file intact."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_name(path.name + ".npz")
+    arrays = {k: backend.to_numpy(v) for k, v in model.state_dict().items()}
+    arrays[CONFIG_KEY] = np.array(model.config.to_json())          # 0-d unicode array, no pickle
+    atomic_savez(path, arrays)
+    return path
+
+
+def load(path, dtype=None, seed=0):
+    """Build the saved model and load its weights; dtype defaults to the saved one."""
+    with np.load(path, allow_pickle=False) as f:
+        if CONFIG_KEY not in f.files:
+            raise ValueError(f"{path}: no {CONFIG_KEY} entry; not a minicvt model file")
+        cfg = CvTConfig.from_json(str(f[CONFIG_KEY]))
+        state = {k: f[k] for k in f.files if k != CONFIG_KEY}
+    dtype = dtype or state["head.weight"].dtype
+    model = ConvolutionalVisionTransformer(cfg, dtype=dtype, seed=seed)
+    model.load_state_dict(state)
+    return model
+
+
+def load_weights(model, path):
+    """Load a saved file's weights into an existing model (names and shapes must match)."""
+    with np.load(path, allow_pickle=False) as f:
+        model.load_state_dict({k: f[k] for k in f.files if k != CONFIG_KEY})
+    return model
+
+
+def _to_array(value):
+    """A torch tensor (any device, bfloat16 included) or array-like -> NumPy array, duck-typed so
+    that minicvt never imports torch."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":                    # NumPy has no bfloat16
+            value = value.float()
+        value = value.numpy()
+    return backend.to_numpy(value)
+
+
+def import_state_dict(model, state_dict, strict=True):
+    """Load an official CvT checkpoint or any PyTorch `state_dict()` of the same architecture.
+
+    Accepts a dict of torch tensors or arrays, or a checkpoint dict holding one under 'state_dict'
+    or 'model'; a 'module.' prefix (DataParallel / DistributedDataParallel) is stripped. Values
+    are cast to the model's dtype and moved to its backend. With strict=False, keys missing on
+    either side are skipped (e.g. to keep a freshly initialised head), but shapes must still match.
+    Returns the model.
+    """
+    for key in ("state_dict", "model"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    state = {}
+    for k, v in state_dict.items():
+        state[k[len("module."):] if k.startswith("module.") else k] = _to_array(v)
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def export_state_dict(model):
+    """{key: NumPy array copy} in PyTorch's names and layouts: `{k: torch.from_numpy(v)}` of it
+    loads into the official model with load_state_dict."""
+    return {k: backend.to_numpy(v).copy() for k, v in model.state_dict().items()}

@@ -1,0 +1,272 @@
+"""Training and evaluation of a CvT on an image dataset (CIFAR-10 by default).
+
+The loop itself is the five lines every trainer has:
+
+    model.zero_grad()
+    logits = model.forward(x)                    # (B, K)
+    loss = criterion.forward(logits, y)          # scalar
+    model.backward(criterion.backward())         # fills every param.grad
+    optimizer.step()
+
+Around it: a cosine learning-rate schedule with warm-up, evaluation after every epoch, metrics
+appended to metrics.jsonl, curves drawn to curves.png, and an atomic checkpoint after every
+epoch (last.npz, and best.npz when validation accuracy improves) from which `resume` continues
+exactly: the data order, augmentation and dropout masks of epoch e depend only on (seed, e).
+"""
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import backend, data, nn
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .models import build_model, get_config
+from .models.configs import CvTConfig
+from .optim import SGD, AdamW, clip_grad_norm, cosine_lr
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; stored in every checkpoint."""
+    model: str = "cvt-cifar-s"
+    data: str = "cifar10"
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: str = "adamw"         # 'adamw' (as the official recipe) or 'sgd' (momentum, Nesterov)
+    lr: float = None                 # peak learning rate after warm-up (adamw 1e-3, sgd 0.1)
+    min_lr: float = 0.0
+    warmup_epochs: float = 1.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = None       # adamw 0.05 (decoupled), sgd 5e-4 (L2)
+    label_smoothing: float = 0.1
+    clip_grad: float = 0.0           # max global gradient norm; 0 = no clipping
+    crop_padding: int = 4
+    augment: bool = True
+    val_size: int = 5000
+    limit_train: int = 0             # use only this many training images (0 = all)
+    seed: int = 0
+    dtype: str = "float32"
+    eval_batch_size: int = 500
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        # the two optimisers want very different step sizes and decays: default each its own
+        if self.lr is None:
+            self.lr = 1e-3 if self.optimizer == "adamw" else 0.1
+        if self.weight_decay is None:
+            self.weight_decay = 0.05 if self.optimizer == "adamw" else 5e-4
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def make_optimizer(tc, model):
+    params = list(model.named_parameters())
+    if tc.optimizer == "sgd":
+        return SGD(params, tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay)
+    return AdamW(params, tc.lr, weight_decay=tc.weight_decay)
+
+
+def reseed_dropout(model, seed):
+    """Give every module that draws random masks (dropout, drop path) its own stream, seeded
+    from (run seed, epoch) and its position, so a resumed epoch draws the same masks."""
+    for i, (_, m) in enumerate(model.named_modules()):
+        if "rng" in m.__dict__:
+            m.rng = backend.BackendRNG(seed * 7919 + i)
+
+
+def evaluate(model, loader, num_classes):
+    """(mean loss, accuracy, per-class accuracy (K,)) over one pass, in eval mode, no caches."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss()
+    xp = backend.xp()
+    total_loss, correct, seen = xp.zeros(()), xp.zeros(num_classes), xp.zeros(num_classes)
+    with nn.no_grad():
+        for x, y in loader.epoch(0):
+            logits = model.forward(x)
+            total_loss += criterion.forward(logits, y) * len(y)
+            hit = (logits.argmax(axis=1) == y).astype(xp.float64)
+            correct += xp.bincount(y, weights=hit, minlength=num_classes)   # hits per class
+            seen += xp.bincount(y, minlength=num_classes)
+    per_class = backend.to_numpy(correct / xp.maximum(seen, 1))
+    n = float(seen.sum())
+    return float(total_loss) / n, float(correct.sum()) / n, per_class
+
+
+class Trainer:
+    """Holds the data, model, optimiser and output folder of one run."""
+
+    def __init__(self, tc, out_dir, model_config=None, progress=True, log=print):
+        self.tc, self.out = tc, Path(out_dir)
+        self.progress, self.log = progress, log
+        self.dtype = np.dtype(tc.dtype)
+        images, labels, classes = data.load_dataset(tc.data)
+        self.classes, self.num_images = list(classes), len(labels)
+        train_idx, val_idx = data.split_indices(len(labels), tc.val_size, tc.seed)
+        if tc.limit_train:        # a random subset: the sorted indices run class by class
+            pick = np.random.default_rng(tc.seed).permutation(len(train_idx))[:tc.limit_train]
+            train_idx = np.sort(train_idx[pick])
+        mean, std = data.channel_stats(images[train_idx])
+        self.norm = {"mean": mean.tolist(), "std": std.tolist()}
+        self.train_loader = data.Loader(images[train_idx], labels[train_idx], tc.batch_size, mean, std,
+                                        shuffle=True, augment=tc.augment, crop_padding=tc.crop_padding,
+                                        drop_last=True, seed=tc.seed, dtype=self.dtype)
+        self.val_loader = data.Loader(images[val_idx], labels[val_idx], tc.eval_batch_size, mean, std,
+                                      dtype=self.dtype) if len(val_idx) else None
+        self.mc = model_config or get_config(tc.model, num_classes=len(classes),
+                                             image_size=int(images.shape[-1]))
+        self.model = build_model(self.mc, seed=tc.seed, dtype=self.dtype)
+        self.optimizer = make_optimizer(tc, self.model)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+        self.start_epoch, self.best_acc, self.history = 0, -1.0, []
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _meta(self, epoch):
+        return {"epoch": epoch, "train_config": asdict(self.tc), "model_config": json.loads(self.mc.to_json()),
+                "classes": self.classes, "num_images": self.num_images, "normalization": self.norm,
+                "best_acc": self.best_acc,
+                "history": self.history}
+
+    def resume(self):
+        """Continue from out/last.npz: weights, optimiser state, epoch counter, history."""
+        path = self.out / "last.npz"
+        model_state, optim_state, meta = load_checkpoint(path)
+        if meta["train_config"] != asdict(self.tc):
+            diff = {k: (meta["train_config"].get(k), v) for k, v in asdict(self.tc).items()
+                    if meta["train_config"].get(k) != v}
+            raise CheckpointError(f"{path} was written by a run with other settings "
+                                  f"(saved vs now: {diff}); use another --out or the same settings")
+        if CvTConfig.from_json(json.dumps(meta["model_config"])) != self.mc:
+            raise CheckpointError(f"{path} holds a different model configuration")
+        self.model.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optim_state)
+        self.start_epoch, self.best_acc, self.history = meta["epoch"] + 1, meta["best_acc"], meta["history"]
+        self._write_metrics()
+        self.log(f"resumed from {path} after epoch {meta['epoch'] + 1}")
+
+    def _write_metrics(self):
+        """metrics.jsonl is rewritten from the checkpoint's history, so it always agrees with it."""
+        lines = "".join(json.dumps(h) + "\n" for h in self.history)
+        tmp = self.out / ".metrics.jsonl.tmp"
+        tmp.write_text(lines)
+        tmp.replace(self.out / "metrics.jsonl")
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train_epoch(self, epoch):
+        tc, model, opt, crit = self.tc, self.model, self.optimizer, self.criterion
+        model.train()
+        reseed_dropout(model, tc.seed * 1000 + epoch)
+        steps = len(self.train_loader)
+        total_steps, warmup = tc.epochs * steps, int(round(tc.warmup_epochs * steps))
+        xp = backend.xp()
+        loss_sum, correct, seen = xp.zeros(()), xp.zeros(()), 0
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not self.progress, leave=False)
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(self.train_loader.epoch(epoch)):
+            opt.lr = cosine_lr(epoch * steps + i, total_steps, tc.lr, warmup, tc.min_lr)
+            model.zero_grad()
+            logits = model.forward(x)
+            loss = crit.forward(logits, y)
+            model.backward(crit.backward())
+            if tc.clip_grad:
+                clip_grad_norm(model.parameters(), tc.clip_grad)
+            opt.step()
+            loss_sum += loss * len(y)
+            correct += (logits.argmax(axis=1) == y).sum()
+            seen += len(y)
+            if i % 20 == 19 or i == steps - 1:     # reading the loss waits for the GPU: not every step
+                mean_loss = float(loss_sum) / seen
+                if not math.isfinite(mean_loss):
+                    raise DivergedError(f"loss became {mean_loss} in epoch {epoch + 1}, step {i + 1}; the last "
+                                        f"good checkpoint is {self.out / 'last.npz'} (try a lower --lr)")
+                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{float(correct) / seen:.3f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+            bar.update(1)
+        backend.synchronize()
+        bar.close()
+        seconds = time.perf_counter() - start
+        return {"train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,
+                "seconds": seconds, "images_per_s": seen / seconds, "lr": opt.lr}
+
+    def fit(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        for epoch in range(self.start_epoch, self.tc.epochs):
+            record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            if self.val_loader is not None:
+                val_loss, val_acc, _ = evaluate(self.model, self.val_loader, len(self.classes))
+                record.update(val_loss=val_loss, val_acc=val_acc)
+            self.history.append(record)
+            improved = record.get("val_acc", -record["train_loss"]) > self.best_acc
+            if improved:
+                self.best_acc = record.get("val_acc", -record["train_loss"])
+            save_checkpoint(self.out / "last.npz", self.model, self.optimizer, self._meta(epoch))
+            if improved:
+                save_checkpoint(self.out / "best.npz", self.model, None, self._meta(epoch))
+            self._write_metrics()
+            plot_curves(self.history, self.out / "curves.png")
+            self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        return self.history
+
+
+def evaluate_checkpoint(path, data_path, split="val", batch_size=500):
+    """(loss, accuracy, per-class accuracy, class names, images evaluated) of the checkpoint at
+    path on data_path. split 'val' re-creates the run's held-out split (the same data, seed and
+    size it was trained with), 'all' uses every image, 'test' the official archive's test batch."""
+    model_state, _, meta = load_checkpoint(path)
+    tc = TrainConfig(**meta["train_config"])
+    images, labels, classes = data.load_dataset(data_path, split="test" if split == "test" else "train")
+    if list(classes) != meta["classes"]:
+        raise CheckpointError(f"{path} was trained on classes {meta['classes']}, but {data_path} has {list(classes)}")
+    if split == "val":
+        if len(labels) != meta["num_images"]:
+            raise ValueError(f"--split val needs the data the run was trained on ({meta['num_images']} images), "
+                             f"but {data_path} has {len(labels)}; use --split all")
+        _, idx = data.split_indices(len(labels), tc.val_size, tc.seed)
+        images, labels = images[idx], labels[idx]
+    mc = CvTConfig.from_json(json.dumps(meta["model_config"]))
+    model = build_model(mc, dtype=np.dtype(tc.dtype))
+    try:
+        model.load_state_dict(model_state)
+    except ValueError as e:
+        raise CheckpointError(f"{path} does not fit its own model configuration ({e})") from e
+    norm = meta["normalization"]
+    loader = data.Loader(images, labels, batch_size, norm["mean"], norm["std"], dtype=np.dtype(tc.dtype))
+    loss, acc, per_class = evaluate(model, loader, len(classes))
+    return loss, acc, per_class, list(classes), len(labels)
+
+
+def plot_curves(history, path):
+    """Loss and accuracy per epoch (train and validation) to a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    b.plot(ep, [h["train_acc"] for h in history], "o-", label="train")
+    if "val_loss" in history[0]:
+        a.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
+        b.plot(ep, [h["val_acc"] for h in history], "o-", label="validation")
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    b.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
