@@ -94,7 +94,8 @@ def is_cupy_array(a):
 
 
 def to_device(a, dtype=None):
-    """Move a host (or device) array to the active backend, optionally casting."""
+    """Move a host array (or one already on the active backend) there, optionally casting.
+    To bring a CuPy array back to the host use to_numpy."""
     module = xp()
     out = module.asarray(a)
     return out if dtype is None else out.astype(dtype, copy=False)

@@ -302,3 +302,36 @@ def test_batchnorm_eval_accepts_one_value_per_channel(xp, rand):
     # the one-value refusal is about batch statistics; eval uses the running ones and is fine
     out = nn.BatchNorm2d(3, dtype=np.float64).eval()(rand(1, 3, 1, 1))
     assert out.shape == (1, 3, 1, 1)
+
+
+# -- promotions and inputs that used to slip through ---------------------------------------------
+
+def test_cross_entropy_backward_keeps_float32_for_a_float64_dloss(xp, rand):
+    logits = rand(4, 3, dtype=np.float32)
+    labels = backend.to_device(np.array([0, 2, 1, 2]))
+    loss, cache = F.cross_entropy_forward(logits, labels)
+    for dloss in (np.float64(1.0), backend.to_device(np.array(2.0)), 1.0):
+        assert F.cross_entropy_backward(dloss, cache).dtype == np.float32
+
+
+def test_cross_entropy_refuses_an_empty_batch(xp, rand):
+    with pytest.raises(ValueError, match=r"^cross_entropy: empty batch"):
+        F.cross_entropy_forward(rand(0, 3), backend.to_device(np.zeros(0, np.int64)))
+
+
+def test_attention_refuses_a_drop_mask_of_wrong_dtype_or_shape(xp, rand):
+    q, k = rand(2, 5, 4, dtype=np.float32), rand(2, 3, 4, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"^attention: drop_mask must be float32 of shape \(2, 2, 5, 3\), got float64"):
+        F.attention_forward(q, k, k, 2, drop_mask=rand(2, 2, 5, 3))
+    with pytest.raises(ValueError, match=r"got float32 \(2, 2, 3, 5\)"):
+        F.attention_forward(q, k, k, 2, drop_mask=rand(2, 2, 3, 5, dtype=np.float32))
+
+
+@pytest.mark.parametrize("layer, call", [
+    ("avg_pool2d", lambda x: F.avg_pool2d_forward(x.reshape(1, 1, 4, 6), 2)),
+    ("token_mean", lambda x: F.token_mean_forward(x.reshape(1, 4, 6))),
+])
+def test_pooling_refuses_integer_input(xp, layer, call):
+    x = backend.to_device(np.arange(24))
+    with pytest.raises(ValueError, match=rf"^{layer}: x must be float32 or float64, got int64"):
+        call(x)

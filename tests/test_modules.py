@@ -385,3 +385,16 @@ def test_dropout_mask_keeps_one_minus_p_and_preserves_the_mean(xp):
     dout = backend.to_device(np.full(out.shape, 3.0, np.float32))
     dx = host(drop.backward(dout))
     np.testing.assert_array_equal(dx, 3.0 * out)           # the same mask scales the gradient
+
+
+def test_dropout_modules_built_without_rng_draw_different_masks(xp, monkeypatch):
+    """Each gets its own stream from the host default generator (reproducible after
+    manual_seed), so two dropouts on the same input do not drop the same entries."""
+    monkeypatch.setitem(backend._default_host, "rng", backend._default_host["rng"])  # restored after
+    x = backend.to_device(np.ones((64, 64), np.float32))
+    backend.manual_seed(5)
+    a, b = nn.Dropout(0.5), nn.Dropout(0.5)
+    ma, mb = backend.to_numpy(a(x)), backend.to_numpy(b(x))
+    assert not np.array_equal(ma, mb)
+    backend.manual_seed(5)
+    assert np.array_equal(backend.to_numpy(nn.Dropout(0.5)(x)), ma)

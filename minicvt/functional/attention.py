@@ -57,6 +57,11 @@ def attention_forward(q, k, v, num_heads, scale=None, drop_mask=None):
         raise ValueError(f"attention: {C} channels do not split into {num_heads} heads")
     # a Python float: a NumPy float64 scale would promote float32 scores to float64
     scale = float((C // num_heads) ** -0.5 if scale is None else scale)
+    if drop_mask is not None:
+        want = (N, num_heads, Tq, k.shape[1])
+        if tuple(drop_mask.shape) != want or drop_mask.dtype != q.dtype:
+            raise ValueError(f"attention: drop_mask must be {q.dtype} of shape {want}, "
+                             f"got {drop_mask.dtype} {tuple(drop_mask.shape)}")
     qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
     scores = (qh @ kh.transpose(0, 1, 3, 2)) * scale          # (N, h, Tq, Tk)
     p, _ = softmax_forward(scores)                            # (N, h, Tq, Tk)

@@ -17,7 +17,9 @@ def linear_forward(x, w, b=None):
                          f"got {tuple(x.shape)}")
     if b is not None:
         check_shape("linear", "b", b, (Cout,))
-    out = x @ w.T                                   # (..., Cout)
+    # one 2-D matmul over all leading axes: a 3-D `x @ w.T` runs as a batch of small
+    # products, about 3x slower on CPU BLAS
+    out = (x.reshape(-1, Cin) @ w.T).reshape(*x.shape[:-1], Cout)   # (M, Cout) -> (..., Cout)
     if b is not None:
         out += b
     return out, (x, w, b is not None)

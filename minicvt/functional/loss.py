@@ -19,10 +19,12 @@ def cross_entropy_forward(logits, labels, label_smoothing=0.0):
     check_float(layer, ("logits", logits))
     xp = get_array_module(logits)
     N, K = logits.shape
+    if N == 0:
+        raise ValueError("cross_entropy: empty batch (logits of shape (0, K)); the mean is undefined")
     if labels.shape != (N,) or labels.dtype.kind not in "iu":
         raise ValueError(f"cross_entropy: labels must be integers of shape ({N},), "
                          f"got {labels.dtype} {tuple(labels.shape)}")
-    if N and (int(labels.min()) < 0 or int(labels.max()) >= K):
+    if (int(labels.min()) < 0 or int(labels.max()) >= K):
         raise ValueError(f"cross_entropy: labels must lie in [0, {K}), got range "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -40,4 +42,6 @@ def cross_entropy_backward(dloss, cache):
     """dloss (scalar) -> dlogits (N, K) = dloss * (softmax - q) / N. Fusing the softmax with the
     loss gives this simple form and avoids dividing by small probabilities."""
     p, q = cache
-    return (p - q) * (dloss / p.shape[0])
+    xp = get_array_module(p)
+    # dloss as an array of p's dtype: a float64 scalar would promote a float32 gradient
+    return (p - q) * (xp.asarray(dloss, dtype=p.dtype) / p.shape[0])

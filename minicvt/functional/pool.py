@@ -4,7 +4,7 @@ when there is no class token).
 Shapes: N batch, C channels, H, W map size, OH, OW pooled size, T tokens.
 """
 from ..backend import get_array_module
-from ._checks import check_ndim, pair
+from ._checks import check_float, check_ndim, pair
 
 
 def pool_output_size(size, kernel, stride, padding, ceil_mode):
@@ -31,6 +31,7 @@ def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, ceil_mode=False, 
     nn.AvgPool2d, including ceil_mode and count_include_pad). cache: shapes and divisors."""
     layer = "avg_pool2d"
     check_ndim(layer, "x", x, 4, "(N, C, H, W)")
+    check_float(layer, ("x", x))
     xp = get_array_module(x)
     (kh, kw) = pair(kernel_size, "kernel_size")
     (sh, sw) = pair(kernel_size if stride is None else stride, "stride")
@@ -73,6 +74,7 @@ def avg_pool2d_backward(dout, cache):
 def token_mean_forward(x):
     """x (N, T, C) -> out (N, C), the mean over tokens. cache: x's shape."""
     check_ndim("token_mean", "x", x, 3, "(N, T, C)")
+    check_float("token_mean", ("x", x))
     return x.mean(axis=1), x.shape
 
 

@@ -192,14 +192,17 @@ class QuickGELU(Module):
 
 class Dropout(Module):
     """Inverted dropout in training mode, identity in eval mode or when p == 0.
-    Masks come from `rng` (a backend.BackendRNG; default one seeded with 0)."""
+    Masks come from `rng` (a backend.BackendRNG; by default one seeded from
+    backend.default_host_rng(), so backend.manual_seed makes them reproducible)."""
 
     def __init__(self, p=0.0, rng=None):
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
         self.p = p
-        self.rng = rng
+        # without an rng of its own, a stream seeded from the host default generator, so two
+        # modules built one after the other never draw identical masks
+        self.rng = rng if rng is not None else backend.BackendRNG(int(backend.default_host_rng().integers(2**31)))
 
     def mask_shape(self, x_shape):
         """One draw per entry."""
@@ -210,8 +213,6 @@ class Dropout(Module):
         identity (eval mode or p == 0)."""
         if not self.training or self.p == 0.0:
             return None
-        if self.rng is None:
-            self.rng = backend.BackendRNG(0)
         return F.dropout_mask(self.rng, self.mask_shape(x_shape), self.p, dtype)
 
     def forward(self, x):
