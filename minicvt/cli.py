@@ -4,6 +4,8 @@
     minicvt summary --config NAME            per-stage tokens, channels, parameters, MACs
     minicvt train --data PATH [options]      train a CvT; --resume continues an interrupted run
     minicvt eval --checkpoint CKPT --data PATH   accuracy and a per-class table
+    minicvt attention --checkpoint CKPT (--data PATH | --images FILE ...) --out FIG.png
+                                             attention maps (docs/attention_maps.md)
 
 Errors print one line on stderr and exit non-zero.
 """
@@ -124,6 +126,19 @@ def cmd_eval(args):
     return 0
 
 
+def cmd_attention(args):
+    """Attention figures of a checkpoint on dataset images or the user's own files."""
+    from .viz import attention_figures
+
+    backend.set_backend(args.backend)
+    paths = attention_figures(args.checkpoint, args.out, args.kind, data_path=args.data,
+                              split=args.split, image_files=args.images, index=args.index,
+                              query=args.query)
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minicvt", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +185,25 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("attention", help="attention maps of a checkpoint (docs/attention_maps.md)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", help="a dataset, as for train: images are taken from it by --index")
+    p.add_argument("--split", choices=["train", "test"], default="test",
+                   help="which part of the official CIFAR-10 archive (ignored for image folders)")
+    p.add_argument("--index", type=int, nargs="+", metavar="I",
+                   help="dataset images to show (default: the first 8 for grid/rollout, 0 for query/cls)")
+    p.add_argument("--images", nargs="+", metavar="FILE",
+                   help="your own image files instead of --data (central square, resized bicubic)")
+    p.add_argument("--kind", choices=["grid", "query", "cls", "rollout"], default="grid",
+                   help="grid: rollout over several images with labels; query: every head of every "
+                        "block for one query; cls: the class token per head; rollout: per image")
+    p.add_argument("--query", type=int, nargs=2, metavar=("ROW", "COL"),
+                   help="query pixel in the model's input image (default: the centre)")
+    p.add_argument("--out", required=True, help="figure path (.png); query/cls with several "
+                   "images write FIG-<image>.png")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    p.set_defaults(func=cmd_attention)
     return parser
 
 

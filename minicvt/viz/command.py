@@ -1,0 +1,142 @@
+"""What `minicvt attention` does: load a checkpoint, take images (from a dataset by index, or
+the user's own files), predict with attention kept, and write the figures.
+
+Shapes: images uint8 (N, 3, H, W); probabilities (N, K).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import backend, data
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..models import build_model
+from ..models.configs import CvTConfig
+from .figures import plot_cls_attention, plot_grid, plot_query_attention, plot_rollout
+from .maps import capture_attention, rollout
+
+KINDS = ("grid", "query", "cls", "rollout")
+_META_KEYS = ("model_config", "normalization", "classes")
+
+
+def load_model(path):
+    """(model in eval mode on the active backend, meta) from a checkpoint whose metadata holds
+    model_config, normalization (mean, std on the 0..1 scale) and classes, as `minicvt train`
+    writes them; the dtype is the run's (train_config.dtype), float32 if absent."""
+    state, _, meta = load_checkpoint(path)
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} has no {', '.join(missing)} in its metadata "
+                              f"(attention maps need a checkpoint written by `minicvt train`)")
+    config = CvTConfig.from_json(json.dumps(meta["model_config"]))
+    model = build_model(config, dtype=np.dtype(meta.get("train_config", {}).get("dtype", "float32")))
+    try:
+        model.load_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(f"{path} does not fit its own model configuration ({e})") from e
+    return model.eval(), meta
+
+
+def read_image_files(paths, size):
+    """uint8 (N, 3, size, size) from image files: each decoded by Pillow and converted to RGB,
+    its central square cropped (so nothing is stretched), then resized to size x size with
+    Pillow's bicubic filter (which widens its support when shrinking, so it antialiases)."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                s = min(w, h)
+                left, top = (w - s) // 2, (h - s) // 2
+                im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+                out.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))   # (H, W, 3) -> (3, H, W)
+        except FileNotFoundError:
+            raise data.DataError(f"--images: {p} does not exist") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise data.DataError(f"--images: {p} is not a readable image ({e})") from e
+    return np.stack(out)
+
+
+def predict(model, meta, images):
+    """Class probabilities (N, K) and attention maps of uint8 images (N, 3, H, W), normalised
+    with the checkpoint's mean and std."""
+    dtype = model.head.weight.data.dtype
+    norm = meta["normalization"]
+    x = data.normalize(backend.to_device(images), backend.to_device(np.asarray(norm["mean"])),
+                       backend.to_device(np.asarray(norm["std"])), dtype)
+    logits, maps = capture_attention(model, x)
+    z = logits.astype(np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))            # stable softmax
+    return e / e.sum(axis=1, keepdims=True), maps
+
+
+def _select(data_path, split, index, kind):
+    """(images, labels, class names, names) of the chosen dataset images; by default the first
+    eight (grid, rollout) or the first one (query, cls)."""
+    images, labels, classes = data.load_dataset(data_path, split=split)
+    n = len(labels)
+    if index is None:
+        index = list(range(min(n, 8 if kind in ("grid", "rollout") else 1)))
+    bad = [i for i in index if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"--index {bad[0]}: {data_path} has {n} images (0..{n - 1})")
+    return images[index], labels[index], list(classes), [str(i) for i in index]
+
+
+def _numbered(out, name, many):
+    return out if not many else out.with_name(f"{out.stem}-{name}{out.suffix}")
+
+
+def attention_figures(checkpoint, out, kind="grid", data_path=None, split="test", image_files=None,
+                      index=None, query=None, log=print):
+    """Write the `kind` figure(s) to `out` (a .png) and return their paths. query and cls write
+    one figure per image (numbered FIG-<name>.png when there are several); grid and rollout
+    one figure for all. query = (row, col) in pixels of the model's input (default: centre)."""
+    out = Path(out)
+    if kind not in KINDS:
+        raise ValueError(f"--kind must be one of {KINDS}, got {kind!r}")
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: figures are written as .png")
+    if (data_path is None) == (image_files is None):
+        raise ValueError("give either --data (with --index) or --images, not both and not neither")
+    model, meta = load_model(checkpoint)
+    config, names = model.config, meta["classes"]
+    if kind == "cls" and not config.cls_token[-1]:
+        raise ValueError(f"--kind cls: {config.name} has no class token in its last stage "
+                         f"(it reads the mean of its tokens); use --kind query or rollout")
+    if image_files is not None:
+        images, labels, true_names = read_image_files(image_files, config.image_size), None, None
+        ids = [str(i) for i in range(len(images))]
+    else:
+        images, labels, true_names, ids = _select(data_path, split, index, kind)
+    H, W = images.shape[2:]
+    query = (H // 2, W // 2) if query is None else tuple(query)
+    if not (0 <= query[0] < H and 0 <= query[1] < W):
+        raise ValueError(f"--query {query[0]} {query[1]} is outside the {H}x{W} input image")
+    probs, maps = predict(model, meta, images)
+    pred = probs.argmax(axis=1)
+    titles = []
+    for i in range(len(images)):
+        t = f"pred {names[pred[i]]} ({probs[i, pred[i]]:.2f})"
+        t += f"\ntrue {true_names[labels[i]]}" if labels is not None else ""
+        titles.append(t)
+        log(f"image {ids[i]}: " + t.replace("\n", ", "))
+    if kind in ("query", "cls"):
+        paths = []
+        for i in range(len(images)):
+            target = _numbered(out, ids[i], len(images) > 1)
+            if kind == "query":
+                paths.append(plot_query_attention(images[i], maps, config, query, target, i,
+                                                  titles[i].replace("\n", ", ")))
+            else:
+                paths.append(plot_cls_attention(images[i], maps, config, target, i,
+                                                titles[i].replace("\n", ", ")))
+        return paths
+    ro = rollout(maps, config, (H, W))
+    if kind == "rollout":
+        return [plot_rollout(images, ro, out, titles)]
+    correct = None if labels is None else [names[p] == true_names[y] for p, y in zip(pred, labels)]
+    return [plot_grid(images, ro.image, out, titles, correct)]
