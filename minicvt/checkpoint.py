@@ -71,3 +71,14 @@ def load_checkpoint(path):
     if "steps" in optim:
         optim["steps"] = int(optim["steps"])
     return model, optim, meta
+
+
+def save_inference_copy(src, dst, dtype=np.float16):
+    """A small copy of a checkpoint for inference and pictures: the model's floating arrays
+    cast to dtype (float16 halves the size; loading casts back to the model's dtype), the
+    optimiser state dropped, the metadata kept and marked with what was done."""
+    model_state, _, meta = load_checkpoint(src)
+    arrays = {f"model/{k}": (v.astype(dtype) if v.dtype.kind == "f" else v) for k, v in model_state.items()}
+    meta = {**meta, "inference_copy": {"source": str(src), "dtype": np.dtype(dtype).name}}
+    arrays["meta"] = np.array(json.dumps(meta))
+    atomic_savez(dst, arrays)

@@ -90,3 +90,17 @@ def test_no_pickle_needed(tmp_path):
     save_checkpoint(tmp_path / "c.npz", model, opt, {"epoch": 0})
     with np.load(tmp_path / "c.npz", allow_pickle=False) as z:   # raises if any member is an object array
         assert all(z[k].dtype != object for k in z.files)
+
+
+def test_inference_copy_is_half_precision_and_loads(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    save_checkpoint(tmp_path / "full.npz", model, opt, {"epoch": 4})
+    checkpoint.save_inference_copy(tmp_path / "full.npz", tmp_path / "small.npz")
+    state, optim_state, meta = load_checkpoint(tmp_path / "small.npz")
+    assert optim_state == {} and meta["epoch"] == 4 and meta["inference_copy"]["dtype"] == "float16"
+    assert state["0.weight"].dtype == np.float16 and state["1.num_batches_tracked"].dtype == np.int64
+    other, _ = _model_and_optimizer(1)
+    other.load_state_dict(state)                                  # cast back to float32
+    w = backend.to_numpy(other.state_dict()["0.weight"])
+    assert w.dtype == np.float32
+    np.testing.assert_allclose(w, backend.to_numpy(model.state_dict()["0.weight"]), rtol=1e-3, atol=1e-4)
