@@ -147,13 +147,15 @@ def check_function(forward, backward, inputs, seed=0, h=1e-3, max_entries=None):
 def check_module(module, *inputs, seed=0, h=1e-3, max_entries=None, reset=None, input_names=None):
     """Check a module's backward: every input and every named parameter.
 
-    module.forward(*inputs) -> out; module.backward(dout) -> dx (or a tuple, one per input).
-    The module must be in float64. Buffers (BatchNorm's running statistics) are restored
+    module.forward(*inputs) -> out; module.backward(dout) -> dx (or a tuple, one per array
+    input). Inputs that are not arrays (a block's grid size H, W) are passed through unchecked;
+    the array inputs and the module must be float64. Buffers (BatchNorm's running statistics) are restored
     afterwards, so the check leaves the module as it found it. `reset()`, if given, runs before
     every forward (e.g. to reseed a dropout RNG so every evaluation uses the same mask).
     """
     rng = np.random.default_rng(seed)
-    for n, a in enumerate(inputs):
+    arrays = [a for a in inputs if hasattr(a, "dtype")]        # the differentiable inputs
+    for n, a in enumerate(arrays):
         _require_float64(f"input {n}", a)
     params = list(module.named_parameters())
     for name, p in params:
@@ -175,9 +177,11 @@ def check_module(module, *inputs, seed=0, h=1e-3, max_entries=None, reset=None, 
     def evaluate():
         return float((run() * g).sum())
 
-    names = input_names or ([f"input{n}" for n in range(len(inputs))] if len(inputs) > 1 else ["input"])
+    names = input_names or ([f"input{n}" for n in range(len(arrays))] if len(arrays) > 1 else ["input"])
+    if len(dx) != len(arrays):
+        raise ValueError(f"gradcheck: backward returned {len(dx)} gradients for {len(arrays)} array inputs")
     results = []
-    for name, a, grad in zip(names, inputs, dx):
+    for name, a, grad in zip(names, arrays, dx):
         idx = _entries(a, max_entries, rng)
         results.append(_result(name, a.shape, grad, _compare(a, evaluate, idx, h), idx))
     for name, p in params:

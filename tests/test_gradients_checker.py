@@ -139,3 +139,21 @@ def test_wrong_number_of_gradients_is_an_error(xp, rand):
     with pytest.raises(ValueError, match=r"returned 2 gradients for 3 inputs"):
         check_function(F.linear_forward, lambda dout, cache: F.linear_backward(dout, cache)[:2],
                        _linear_inputs(rand))
+
+
+def test_check_module_passes_non_array_inputs_through(xp, rand):
+    """A CvT block is called as block(x, H, W): H and W go to forward unchanged and only x
+    (and the parameters) are differentiated."""
+    from minicvt.models import Block
+    blk = Block(4, 4, num_heads=2, qkv_bias=True, with_cls_token=False, method="dw_bn",
+                kernel_size=3, stride_kv=2, stride_q=1, padding_kv=1, padding_q=1, dtype=np.float64,
+                rng=np.random.default_rng(0))
+    report = check_module(blk, rand(2, 12, 4), 3, 4, max_entries=6)
+    assert report.results[0].name == "input" and report.results[0].checked == 6
+    # proj_k.bias (and, with no class token, the key BN's bias) shifts every key score of a
+    # query equally, which softmax ignores: the gradient is exactly zero, so a relative error
+    # is meaningless; assert both sides are rounding-noise-sized instead
+    zero = [r for r in report.results if r.name.endswith(("proj_k.bias", "conv_proj_k.bn.bias"))]
+    assert len(zero) == 2 and all(abs(r.analytic) < 1e-12 and abs(r.numeric) < 1e-9 for r in zero)
+    report.results = [r for r in report.results if r not in zero]
+    report.assert_ok(1e-6)
