@@ -148,8 +148,10 @@ class Trainer:
                     if meta["train_config"].get(k) != v}
             raise CheckpointError(f"{path} was written by a run with other settings "
                                   f"(saved vs now: {diff}); use another --out or the same settings")
-        if CvTConfig.from_json(json.dumps(meta["model_config"])) != self.mc:
-            raise CheckpointError(f"{path} holds a different model configuration")
+        saved_mc = CvTConfig.from_json(json.dumps(meta["model_config"]))
+        if saved_mc != self.mc:
+            diff = {k: (v, getattr(self.mc, k)) for k, v in asdict(saved_mc).items() if getattr(self.mc, k) != v}
+            raise CheckpointError(f"{path} holds a different model configuration (saved vs now: {diff})")
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optim_state)
         self.start_epoch, self.best_acc, self.history = meta["epoch"] + 1, meta["best_acc"], meta["history"]
