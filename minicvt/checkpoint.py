@@ -60,6 +60,8 @@ def load_checkpoint(path):
             data = {k: z[k] for k in z.files}                 # reading verifies each CRC
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a .npz file ({e})") from e
+    except TypeError as e:        # a .npy file loads as one bare array, which `with` refuses
+        raise CheckpointError(f"checkpoint {path} is a single .npy array, not a .npz checkpoint") from e
     try:
         meta = json.loads(str(data.pop("meta")))
     except (KeyError, json.JSONDecodeError) as e:

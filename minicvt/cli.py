@@ -85,14 +85,20 @@ def cmd_train(args):
     """Train (or, with --resume, continue) a run in --out."""
     from dataclasses import asdict, fields
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint
+    from .models import get_config
     from .train import TrainConfig, Trainer
 
     backend.set_backend(args.backend)
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     if args.resume:
         # the run's settings come from its checkpoint; a flag given now must agree with them
-        saved = load_checkpoint(Path(args.out) / "last.npz")[2]["train_config"]
+        last = Path(args.out) / "last.npz"
+        _, optim_state, meta = load_checkpoint(last)
+        if not optim_state:
+            raise CheckpointError(f"{last} holds no optimiser state (best.npz and inference copies are "
+                                  f"saved without it); --resume needs the last.npz its run wrote")
+        saved = meta["train_config"]
         clash = {k: (saved[k], v) for k, v in given.items() if saved.get(k) != v}
         if clash:
             raise ValueError(f"--resume: these flags differ from the run in {args.out} "
@@ -100,7 +106,8 @@ def cmd_train(args):
         tc = TrainConfig(**saved)
     else:
         tc = TrainConfig(**given)
-    trainer = Trainer(tc, args.out, progress=not args.quiet)
+    get_config(tc.model)      # an unknown name fails now, not after loading (or downloading) the data
+    trainer = Trainer(tc, args.out, progress=not args.quiet, cache_dir=args.cache_dir)
     if args.resume:
         trainer.resume()
     print(f"training {tc.model} on {tc.data} with {args.backend}: "
@@ -117,7 +124,7 @@ def cmd_eval(args):
 
     backend.set_backend(args.backend)
     loss, acc, per_class, classes, n = evaluate_checkpoint(args.checkpoint, args.data, args.split,
-                                                          args.batch_size)
+                                                          args.batch_size, cache_dir=args.cache_dir)
     print(f"{args.checkpoint} on {args.data} ({args.split} split, {n} images): "
           f"accuracy {acc:.4f}, loss {loss:.4f}")
     print(f"{'class':<14}accuracy")
@@ -133,7 +140,7 @@ def cmd_attention(args):
     backend.set_backend(args.backend)
     paths = attention_figures(args.checkpoint, args.out, args.kind, data_path=args.data,
                               split=args.split, image_files=args.images, index=args.index,
-                              query=args.query)
+                              query=args.query, cache_dir=args.cache_dir)
     for p in paths:
         print(f"wrote {p}")
     return 0
@@ -169,11 +176,16 @@ def build_parser():
     p.add_argument("--clip-grad", type=float, help="max gradient norm (0: off)")
     p.add_argument("--val-size", type=int, help="images held out for validation (default 5000)")
     p.add_argument("--limit-train", type=int, help="train on only this many images (quick runs)")
+    p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (default 4)")
+    p.add_argument("--no-augment", dest="augment", action="store_const", const=False,
+                   help="no random crops or flips")
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=["float32", "float64"])
     p.add_argument("--out", default="runs/cvt", help="output folder (checkpoints, metrics, curves)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.npz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--cache-dir", help="where 'cifar10' is downloaded and decoded images are cached "
+                   "(default: $MINICVT_CACHE, else the user cache folder)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy of a checkpoint, with a per-class table")
@@ -184,13 +196,16 @@ def build_parser():
                         "test: the official archive's test batch")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    p.add_argument("--cache-dir", help="where 'cifar10' is downloaded and decoded images are cached "
+                   "(default: $MINICVT_CACHE, else the user cache folder)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("attention", help="attention maps of a checkpoint (docs/attention_maps.md)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", help="a dataset, as for train: images are taken from it by --index")
-    p.add_argument("--split", choices=["train", "test"], default="test",
-                   help="which part of the official CIFAR-10 archive (ignored for image folders)")
+    p.add_argument("--split", choices=["train", "test", "val"], default="test",
+                   help="train/test: that part of the official CIFAR-10 archive (an image folder has "
+                        "one part); val: the run's held-out images, from the data it was trained on")
     p.add_argument("--index", type=int, nargs="+", metavar="I",
                    help="dataset images to show (default: the first 8 for grid/rollout, 0 for query/cls)")
     p.add_argument("--images", nargs="+", metavar="FILE",
@@ -203,6 +218,8 @@ def build_parser():
     p.add_argument("--out", required=True, help="figure path (.png); query/cls with several "
                    "images write FIG-<image>.png")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    p.add_argument("--cache-dir", help="where 'cifar10' is downloaded and decoded images are cached "
+                   "(default: $MINICVT_CACHE, else the user cache folder)")
     p.set_defaults(func=cmd_attention)
     return parser
 
@@ -218,7 +235,9 @@ def main(argv=None):
         return args.func(args)
     except (backend.BackendError, ValueError, FileNotFoundError, DataError, CheckpointError,
             DivergedError) as e:
-        print(f"minicvt {args.command}: error: {e}", file=sys.stderr)
+        # one line, even where a library's message has several (tarfile lists each method it tried)
+        message = " ".join(line.strip() for line in str(e).strip().splitlines())
+        print(f"minicvt {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = f"; continue with: minicvt train --resume --out {args.out}" if args.command == "train" else ""

@@ -108,11 +108,11 @@ def evaluate(model, loader, num_classes):
 class Trainer:
     """Holds the data, model, optimiser and output folder of one run."""
 
-    def __init__(self, tc, out_dir, model_config=None, progress=True, log=print):
+    def __init__(self, tc, out_dir, model_config=None, progress=True, log=print, cache_dir=None):
         self.tc, self.out = tc, Path(out_dir)
         self.progress, self.log = progress, log
         self.dtype = np.dtype(tc.dtype)
-        images, labels, classes = data.load_dataset(tc.data)
+        images, labels, classes = data.load_dataset(tc.data, cache_dir=cache_dir)
         self.classes, self.num_images = list(classes), len(labels)
         train_idx, val_idx = data.split_indices(len(labels), tc.val_size, tc.seed)
         if tc.limit_train:        # a random subset: the sorted indices run class by class
@@ -123,6 +123,9 @@ class Trainer:
         self.train_loader = data.Loader(images[train_idx], labels[train_idx], tc.batch_size, mean, std,
                                         shuffle=True, augment=tc.augment, crop_padding=tc.crop_padding,
                                         drop_last=True, seed=tc.seed, dtype=self.dtype)
+        if len(self.train_loader) == 0:         # batches are full (drop_last): none would be drawn
+            raise ValueError(f"--batch-size {tc.batch_size} is larger than the {len(train_idx)} "
+                             f"training images of {tc.data}; give a smaller --batch-size")
         self.val_loader = data.Loader(images[val_idx], labels[val_idx], tc.eval_batch_size, mean, std,
                                       dtype=self.dtype) if len(val_idx) else None
         self.mc = model_config or get_config(tc.model, num_classes=len(classes),
@@ -222,21 +225,29 @@ class Trainer:
         return self.history
 
 
-def evaluate_checkpoint(path, data_path, split="val", batch_size=500):
+def held_out(images, labels, meta, data_path):
+    """The run's validation images and labels, (V, 3, H, W) and (V,), re-created from the
+    checkpoint metadata `meta` (the split's size and seed) on the data it was trained on."""
+    if len(labels) != meta["num_images"]:
+        raise ValueError(f"--split val needs the data the run was trained on ({meta['num_images']} images), "
+                         f"but {data_path} has {len(labels)}; use --split all")
+    tc = meta["train_config"]
+    _, idx = data.split_indices(len(labels), tc["val_size"], tc["seed"])
+    return images[idx], labels[idx]
+
+
+def evaluate_checkpoint(path, data_path, split="val", batch_size=500, cache_dir=None):
     """(loss, accuracy, per-class accuracy, class names, images evaluated) of the checkpoint at
     path on data_path. split 'val' re-creates the run's held-out split (the same data, seed and
     size it was trained with), 'all' uses every image, 'test' the official archive's test batch."""
     model_state, _, meta = load_checkpoint(path)
     tc = TrainConfig(**meta["train_config"])
-    images, labels, classes = data.load_dataset(data_path, split="test" if split == "test" else "train")
+    images, labels, classes = data.load_dataset(data_path, split="test" if split == "test" else "train",
+                                                cache_dir=cache_dir)
     if list(classes) != meta["classes"]:
         raise CheckpointError(f"{path} was trained on classes {meta['classes']}, but {data_path} has {list(classes)}")
     if split == "val":
-        if len(labels) != meta["num_images"]:
-            raise ValueError(f"--split val needs the data the run was trained on ({meta['num_images']} images), "
-                             f"but {data_path} has {len(labels)}; use --split all")
-        _, idx = data.split_indices(len(labels), tc.val_size, tc.seed)
-        images, labels = images[idx], labels[idx]
+        images, labels = held_out(images, labels, meta, data_path)
     mc = CvTConfig.from_json(json.dumps(meta["model_config"]))
     model = build_model(mc, dtype=np.dtype(tc.dtype))
     try:

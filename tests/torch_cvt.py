@@ -30,7 +30,8 @@ class DropPath(tnn.Module):
         if self.masks:
             return x * self.masks.pop(0)
         keep = 1.0 - self.p
-        mask = torch.floor(keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype))
+        mask = torch.floor(keep + torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype,
+                                              device=x.device))
         return x / keep * mask
 
 

@@ -17,7 +17,8 @@ def load_dataset(data, split="train", cache_dir=None, progress=True):
     - 'cifar10': the official archive, downloaded into the cache (verified by MD5) if absent;
     - a path ending in 'cifar-10-python.tar.gz': that official archive (verified by MD5);
     - any other directory or .tar/.tar.gz/.tar.xz: an image folder ROOT/<class>/*.jpg|png.
-    `split` ('train'/'test') applies to the official archive only."""
+    `split` ('train'/'test') applies to the official archive only. cache_dir: where downloads
+    and decoded image folders go (default: $MINICVT_CACHE, else the user cache)."""
     if str(data) == "cifar10":
         path = fetch_cifar10(cache_dir, progress=progress)
     else:
@@ -28,4 +29,4 @@ def load_dataset(data, split="train", cache_dir=None, progress=True):
     if path.name.endswith("cifar-10-python.tar.gz"):
         images, labels = load_cifar10_archive(path, split)
         return images, labels, list(CLASSES)
-    return load_image_folder(path)
+    return load_image_folder(path, cache_dir=cache_dir)

@@ -86,14 +86,15 @@ def _decode(found, source):
     return np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64), classes
 
 
-def _cache_paths(source):
-    """Beside the source if that folder is writable, else in the user cache. A folder whose
-    mode has no write bit counts as read-only even for root, who could write there anyway."""
+def _cache_paths(source, cache_dir=None):
+    """Beside the source if that folder is writable, else in cache_dir (default: the user
+    cache). A folder whose mode has no write bit counts as read-only even for root, who could
+    write there anyway."""
     stem = source.resolve().name         # 'train.tar.xz' and 'train/' get different caches
     folder = source.parent
     if not (os.access(folder, os.W_OK) and folder.stat().st_mode & 0o222):
         key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:10]
-        folder = default_cache_dir() / "folders" / f"{stem}-{key}"
+        folder = Path(cache_dir or default_cache_dir()) / "folders" / f"{stem}-{key}"
     return {k: folder / f"{stem}.{k}" for k in ("images.npy", "labels.npy", "meta.json")}
 
 
@@ -123,13 +124,14 @@ def _atomic_save(path, write):
         raise
 
 
-def load_image_folder(path, use_cache=True):
+def load_image_folder(path, use_cache=True, cache_dir=None):
     """images (N, 3, H, W) uint8, labels (N,) int64, classes (list of folder names).
-    path: a directory ROOT/<class>/* or a tar archive of one."""
+    path: a directory ROOT/<class>/* or a tar archive of one. The decoded arrays are cached
+    beside it, or under cache_dir when its folder is read-only."""
     source = Path(path)
     if not source.exists():
         raise DataError(f"{source} does not exist")
-    paths = _cache_paths(source)
+    paths = _cache_paths(source, cache_dir)
     if use_cache and all(p.exists() for p in paths.values()):
         meta = json.loads(paths["meta.json"].read_text())
         if meta["signature"] == _signature(source):

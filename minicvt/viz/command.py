@@ -73,10 +73,16 @@ def predict(model, meta, images):
     return e / e.sum(axis=1, keepdims=True), maps
 
 
-def _select(data_path, split, index, kind):
+def _select(data_path, split, index, kind, meta, cache_dir=None):
     """(images, labels, class names, names) of the chosen dataset images; by default the first
-    eight (grid, rollout) or the first one (query, cls)."""
-    images, labels, classes = data.load_dataset(data_path, split=split)
+    eight (grid, rollout) or the first one (query, cls). split 'val' takes them from the run's
+    held-out images (indices count within that split), 'test' from the official test batch."""
+    from ..train import held_out
+
+    images, labels, classes = data.load_dataset(data_path, split="test" if split == "test" else "train",
+                                                cache_dir=cache_dir)
+    if split == "val":
+        images, labels = held_out(images, labels, meta, data_path)
     n = len(labels)
     if index is None:
         index = list(range(min(n, 8 if kind in ("grid", "rollout") else 1)))
@@ -91,7 +97,7 @@ def _numbered(out, name, many):
 
 
 def attention_figures(checkpoint, out, kind="grid", data_path=None, split="test", image_files=None,
-                      index=None, query=None, log=print):
+                      index=None, query=None, log=print, cache_dir=None):
     """Write the `kind` figure(s) to `out` (a .png) and return their paths. query and cls write
     one figure per image (numbered FIG-<name>.png when there are several); grid and rollout
     one figure for all. query = (row, col) in pixels of the model's input (default: centre)."""
@@ -111,7 +117,7 @@ def attention_figures(checkpoint, out, kind="grid", data_path=None, split="test"
         images, labels, true_names = read_image_files(image_files, config.image_size), None, None
         ids = [str(i) for i in range(len(images))]
     else:
-        images, labels, true_names, ids = _select(data_path, split, index, kind)
+        images, labels, true_names, ids = _select(data_path, split, index, kind, meta, cache_dir)
     H, W = images.shape[2:]
     query = (H // 2, W // 2) if query is None else tuple(query)
     if not (0 <= query[0] < H and 0 <= query[1] < W):
