@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from cvt_tiny import tiny_config
-from minicvt import backend, cli, viz
-from minicvt.checkpoint import save_checkpoint
+from minicvt import backend, cli, data, viz
+from minicvt.checkpoint import load_checkpoint, save_checkpoint
 from minicvt.models import build_model
 from minicvt.train import TrainConfig
 
@@ -250,6 +250,24 @@ def test_command_writes_figures_from_a_checkpoint_and_data(run, kind, capsys, re
     for p in written:
         assert f"wrote {p}" in printed
         assert p.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_command_split_val_shows_the_runs_held_out_images(run, capsys, restore_backend, monkeypatch):
+    ckpt, folder, tmp = run
+    meta = load_checkpoint(ckpt)[2]
+    meta["train_config"]["val_size"] = 2                     # the run held out 2 of the 6 images
+    save_checkpoint(ckpt, build_model(tiny_config(), seed=0), None, meta)
+    _, val_idx = data.split_indices(6, 2, meta["train_config"]["seed"])
+    labels = data.load_dataset(str(folder))[1]
+    out = tmp / "val.png"
+    argv = ["attention", "--checkpoint", str(ckpt), "--data", str(folder), "--split", "val",
+            "--out", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    # the default for a grid is every image of the split: here its 2 held-out images, in order
+    trues = [line.split("true ")[1] for line in printed.splitlines() if line.startswith("image ")]
+    assert trues == [CLASSES[k] for k in labels[val_idx]]
+    assert out.read_bytes()[:8] == PNG_MAGIC
 
 
 def test_command_reads_own_image_files(run, capsys, restore_backend):

@@ -28,10 +28,11 @@ def gelu_forward(x, approximate="none"):
     cache: x and the Phi(x) value, which the derivative reuses.
     """
     if approximate == "none":
-        cdf = 0.5 * backend.erfc(-x * _SQRT_HALF)
+        cdf = backend.erfc(x * -_SQRT_HALF)
+        cdf *= 0.5
         return x * cdf, ("none", x, cdf)
     if approximate == "tanh":
-        s = _sigmoid(2.0 * _SQRT_2_OVER_PI * (x + _TANH_C * x * x * x))
+        s = _sigmoid_of(x + _TANH_C * x * x * x, 2.0 * _SQRT_2_OVER_PI)
         return x * s, ("tanh", x, s)
     raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
 
@@ -41,32 +42,48 @@ def gelu_backward(dout, cache):
     kind, x, a = cache
     xp = get_array_module(x)
     if kind == "none":
-        pdf = _INV_SQRT_2PI * xp.exp(-0.5 * x * x)
-        return dout * (a + x * pdf)
+        d = x * x                                   # one new array, then in place:
+        d *= -0.5
+        xp.exp(d, out=d)
+        d *= _INV_SQRT_2PI                          # phi(x)
+        d *= x
+        d += a                                      # Phi(x) + x phi(x)
+        d *= dout
+        return d
     # tanh form, s = sigmoid(2u): d/dx [x s] = s + x * 2 s (1 - s) * du/dx,
     # du/dx = sqrt(2/pi) (1 + 3c x^2); the same as (1 + t)/2 + x/2 (1 - t^2) du/dx, t = tanh u
     du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_C * x * x)
     return dout * (a + 2.0 * x * a * (1.0 - a) * du)
 
 
-def _sigmoid(z):
-    """1 / (1 + exp(-z)). For z << 0 this keeps full relative precision (no 1 - (almost 1));
-    where exp(-z) overflows to inf the result is exactly 0, the right limit, so the overflow
-    warning is silenced. Three elementwise passes: the MLP's hidden activations are the
-    largest arrays in the model, so this is on the hot path."""
-    xp = get_array_module(z)
+def _sigmoid_of(x, a):
+    """sigmoid(a x) = 1 / (1 + exp(-a x)), a a Python float. For a x << 0 this keeps full
+    relative precision (no 1 - (almost 1)); where exp(-a x) overflows to inf the result is
+    exactly 0, the right limit, so the overflow warning is silenced. One new array and four
+    passes over it in place: the MLP's hidden activations are the largest arrays in the
+    model, and a new array of that size costs as much as a pass (docs/performance.md)."""
+    xp = get_array_module(x)
+    z = x * -a
     with np.errstate(over="ignore"):          # NumPy only; CuPy does not warn
-        return 1.0 / (1.0 + xp.exp(-z))
+        xp.exp(z, out=z)
+    z += 1.0
+    return xp.reciprocal(z, out=z)
 
 
 def quick_gelu_forward(x):
     """QuickGELU(x) = x * sigmoid(1.702 x), the activation of the official CvT code.
     cache: x and s = sigmoid(1.702 x)."""
-    s = _sigmoid(_QUICK * x)
+    s = _sigmoid_of(x, _QUICK)
     return x * s, (x, s)
 
 
 def quick_gelu_backward(dout, cache):
     """dout -> dx = dout * (s + 1.702 x s (1 - s))."""
     x, s = cache
-    return dout * (s + _QUICK * x * s * (1.0 - s))
+    d = 1.0 - s                                 # one new array, then in place:
+    d *= s
+    d *= x
+    d *= _QUICK
+    d += s                                      # s + 1.702 x s (1 - s)
+    d *= dout
+    return d

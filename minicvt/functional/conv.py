@@ -27,10 +27,13 @@ def _geometry(layer, x_shape, kernel_size, stride, padding):
     return (kh, kw), (sh, sw), (ph, pw), (OH, OW)
 
 
-def _pad(x, ph, pw):
+def _pad(x, ph, pw, channels_last=False):
+    """Zeros around H and W: axes 2, 3 of (N, C, H, W), or axes 1, 2 of (N, H, W, C)."""
     xp = get_array_module(x)
     if ph == 0 and pw == 0:
         return x
+    if channels_last:
+        return xp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
     return xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
 
 
@@ -113,51 +116,73 @@ def conv2d_backward(dout, cache):
     return dx, dw, db
 
 
-def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0):
+def _depthwise_layout(x_shape, channels_last):
+    """The depthwise convolution works in either layout: (N, C, H, W), or channels last
+    (N, H, W, C), the layout of a token sequence (N, H*W, C) reshaped without a copy. Returns
+    C, the (H, W) shape in NCHW order (for `_geometry`), a function that turns the (row, col)
+    slices of a kernel offset into an index of the layout, and the weight broadcast shape."""
+    if channels_last:
+        N, H, W, C = x_shape
+        return C, (N, C, H, W), lambda rows, cols: (slice(None), rows, cols, slice(None)), (C,)
+    return x_shape[1], x_shape, lambda rows, cols: (slice(None), slice(None), rows, cols), (x_shape[1], 1, 1)
+
+
+def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=False):
     """Depthwise convolution: each channel is convolved with its own kh x kw filter
     (PyTorch's Conv2d with groups=C). No im2col: with one filter per channel there is no
     matmul to gain, so it is a multiply-accumulate over the kh*kw shifted views.
 
-    x (N, C, H, W), w (C, 1, kh, kw), b (C,) or None -> out (N, C, OH, OW).
+    x (N, C, H, W), w (C, 1, kh, kw), b (C,) or None -> out (N, C, OH, OW); with
+    channels_last, x (N, H, W, C) -> out (N, OH, OW, C). Channels last is faster: each
+    multiply-accumulate runs along C contiguous values rather than along a short row of
+    OW, and CvT's tokens (N, H*W, C) are already in that layout (docs/performance.md).
     cache: the padded input (each kernel offset reads a strided view of it) and w.
     """
     layer = "depthwise_conv2d"
-    check_ndim(layer, "x", x, 4, "(N, C, H, W)")
+    check_ndim(layer, "x", x, 4, "(N, H, W, C)" if channels_last else "(N, C, H, W)")
     check_ndim(layer, "w", w, 4, "(C, 1, kh, kw)")
     check_float(layer, ("x", x), ("w", w), ("b", b))
-    C = x.shape[1]
+    C, nchw, window, wshape = _depthwise_layout(x.shape, channels_last)
     if w.shape[0] != C or w.shape[1] != 1:
         raise ValueError(f"depthwise_conv2d: w must have shape ({C}, 1, kh, kw) for {C} channels, "
                          f"got {tuple(w.shape)}")
     if b is not None:
         check_shape(layer, "b", b, (C,))
     xp = get_array_module(x)
-    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry(layer, x.shape, w.shape[2:], stride, padding)
-    xpad = _pad(x, ph, pw)                                  # (N, C, H+2ph, W+2pw)
-    out = xp.zeros((x.shape[0], C, OH, OW), dtype=x.dtype)
+    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry(layer, nchw, w.shape[2:], stride, padding)
+    xpad = _pad(x, ph, pw, channels_last)                   # H and W padded by ph, pw
+    out_shape = (x.shape[0], OH, OW, C) if channels_last else (x.shape[0], C, OH, OW)
+    out = xp.zeros(out_shape, dtype=x.dtype)
+    tmp = xp.empty_like(out)                                # one scratch buffer for all offsets
     for i in range(kh):
         for j in range(kw):
-            view = xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]    # (N, C, OH, OW)
-            out += view * w[:, 0, i, j][:, None, None]              # (C, 1, 1) broadcast
+            view = xpad[window(slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))]   # out's shape
+            xp.multiply(view, w[:, 0, i, j].reshape(wshape), out=tmp)
+            out += tmp
     if b is not None:
-        out += b[:, None, None]
-    cache = (x.shape, xpad, w, b is not None, (sh, sw), (ph, pw))
+        out += b.reshape(wshape)
+    cache = (x.shape, xpad, w, b is not None, (sh, sw), (ph, pw), channels_last)
     return out, cache
 
 
 def depthwise_conv2d_backward(dout, cache):
-    """dout (N, C, OH, OW) -> dx (N, C, H, W), dw (C, 1, kh, kw), db (C,) or None."""
-    x_shape, xpad, w, has_bias, (sh, sw), (ph, pw) = cache
+    """dout (N, C, OH, OW) -> dx (N, C, H, W), dw (C, 1, kh, kw), db (C,) or None; channels
+    last, dout (N, OH, OW, C) -> dx (N, H, W, C)."""
+    x_shape, xpad, w, has_bias, (sh, sw), (ph, pw), channels_last = cache
     xp = get_array_module(dout)
-    N, C, H, W = x_shape
+    C, (N, _, H, W), window, wshape = _depthwise_layout(x_shape, channels_last)
     kh, kw = w.shape[2:]
-    OH, OW = dout.shape[2:]
+    OH, OW = dout.shape[1:3] if channels_last else dout.shape[2:]
+    sum_axes = (0, 1, 2) if channels_last else (0, 2, 3)    # every axis but the channels
     dxpad = xp.zeros_like(xpad)
     dw = xp.zeros_like(w)
+    tmp = xp.empty_like(dout)
     for i in range(kh):
         for j in range(kw):
-            window = (slice(None), slice(None), slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))
-            dw[:, 0, i, j] = (dout * xpad[window]).sum(axis=(0, 2, 3))
-            dxpad[window] += dout * w[:, 0, i, j][:, None, None]
-    db = dout.sum(axis=(0, 2, 3)) if has_bias else None
-    return dxpad[:, :, ph:ph + H, pw:pw + W], dw, db
+            win = window(slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))
+            xp.multiply(dout, xpad[win], out=tmp)
+            dw[:, 0, i, j] = tmp.sum(axis=sum_axes)
+            xp.multiply(dout, w[:, 0, i, j].reshape(wshape), out=tmp)
+            dxpad[win] += tmp
+    db = dout.sum(axis=sum_axes) if has_bias else None
+    return dxpad[window(slice(ph, ph + H), slice(pw, pw + W))], dw, db

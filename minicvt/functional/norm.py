@@ -9,24 +9,26 @@ from ._checks import check_float, check_ndim, check_shape
 
 
 def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
-                        momentum=0.1, eps=1e-5):
+                        momentum=0.1, eps=1e-5, channels_last=False):
     """BatchNorm2d, PyTorch's convention.
 
-    x (N, C, H, W); gamma, beta, running_mean, running_var (C,).
+    x (N, C, H, W), or (N, H, W, C) with channels_last; gamma, beta, running_mean,
+    running_var (C,).
     Training: normalise with the batch statistics over (N, H, W); return running statistics
     updated as  r <- (1 - momentum) * r + momentum * s,  where the variance s is the
     *unbiased* batch variance (M / (M - 1) times the biased one, M = N*H*W).
     Eval: normalise with the running statistics (then BN is a per-channel affine map).
-    Returns out (N, C, H, W), cache, (new_running_mean, new_running_var); the inputs are not
+    Returns out (x's shape), cache, (new_running_mean, new_running_var); the inputs are not
     modified (the module stores the new statistics).
-    cache: xhat (N, C, H, W) and rstd (C,) = 1/sqrt(var + eps), gamma, and the mode, which
+    cache: xhat (x's shape) and rstd (C,) = 1/sqrt(var + eps), gamma, and the mode, which
     decides the backward (in training the statistics depend on x).
     """
     layer = "batchnorm2d"
-    check_ndim(layer, "x", x, 4, "(N, C, H, W)")
+    check_ndim(layer, "x", x, 4, "(N, H, W, C)" if channels_last else "(N, C, H, W)")
     check_float(layer, ("x", x), ("gamma", gamma), ("beta", beta),
                 ("running_mean", running_mean), ("running_var", running_var))
-    C = x.shape[1]
+    axes, shape = _bn_axes(x.shape, channels_last)
+    C = x.shape[-1] if channels_last else x.shape[1]
     for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
                     ("running_var", running_var)):
         if tuple(a.shape) != (C,):       # usually x is the culprit: name its shape too
@@ -34,35 +36,49 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
                              f"(x has shape {tuple(x.shape)})")
     xp = get_array_module(x)
     if training:
-        M = x.shape[0] * x.shape[2] * x.shape[3]
+        M = x.size // C
         if M < 2:
             raise ValueError(f"batchnorm2d: training needs more than one value per channel, got "
                              f"input shape {tuple(x.shape)}")
-        mean = x.mean(axis=(0, 2, 3))                               # (C,)
-        var = x.var(axis=(0, 2, 3))                                 # (C,) biased
+        mean = x.mean(axis=axes)                                    # (C,)
+        var = x.var(axis=axes)                                      # (C,) biased
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
         new_var = (1.0 - momentum) * running_var + momentum * var * (M / (M - 1))
     else:
         mean, var = running_mean, running_var
         new_mean, new_var = running_mean, running_var
     rstd = 1.0 / xp.sqrt(var + eps)                                 # (C,)
-    xhat = (x - mean[:, None, None]) * rstd[:, None, None]          # (N, C, H, W)
-    out = gamma[:, None, None] * xhat + beta[:, None, None]
-    return out, (xhat, rstd, gamma, training), (new_mean, new_var)
+    xhat = x - mean.reshape(shape)                                  # x's shape
+    xhat *= rstd.reshape(shape)
+    out = xhat * gamma.reshape(shape)
+    out += beta.reshape(shape)
+    return out, (xhat, rstd, gamma, training, channels_last), (new_mean, new_var)
+
+
+def _bn_axes(x_shape, channels_last):
+    """The axes BatchNorm reduces over (all but the channels) and the shape that broadcasts a
+    per-channel (C,) vector against x: (C, 1, 1) for (N, C, H, W), (C,) for (N, H, W, C)."""
+    if channels_last:
+        return (0, 1, 2), (x_shape[-1],)
+    return (0, 2, 3), (x_shape[1], 1, 1)
 
 
 def batchnorm2d_backward(dout, cache):
-    """dout (N, C, H, W) -> dx (N, C, H, W), dgamma (C,), dbeta (C,)."""
-    xhat, rstd, gamma, training = cache
-    dbeta = dout.sum(axis=(0, 2, 3))
-    dgamma = (dout * xhat).sum(axis=(0, 2, 3))
-    g = (gamma * rstd)[:, None, None]                               # (C, 1, 1)
+    """dout (x's shape) -> dx (x's shape), dgamma (C,), dbeta (C,)."""
+    xhat, rstd, gamma, training, channels_last = cache
+    axes, shape = _bn_axes(dout.shape, channels_last)
+    dbeta = dout.sum(axis=axes)
+    dgamma = (dout * xhat).sum(axis=axes)
+    g = (gamma * rstd).reshape(shape)
     if not training:
         return dout * g, dgamma, dbeta
-    M = dout.shape[0] * dout.shape[2] * dout.shape[3]
+    M = dout.size // dbeta.shape[0]
     # dx = gamma*rstd * (dout - mean(dout) - xhat * mean(dout * xhat)), means over (N, H, W);
     # the two subtracted terms are the paths through the batch mean and variance.
-    dx = g * (dout - (dbeta / M)[:, None, None] - xhat * (dgamma / M)[:, None, None])
+    dx = xhat * (-dgamma / M).reshape(shape)
+    dx += dout
+    dx -= (dbeta / M).reshape(shape)
+    dx *= g
     return dx, dgamma, dbeta
 
 
@@ -80,11 +96,14 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
         raise ValueError(f"layernorm: x must have shape (..., {C}), got {tuple(x.shape)}")
     check_shape(layer, "beta", beta, (C,))
     xp = get_array_module(x)
-    mean = x.mean(axis=-1, keepdims=True)                           # (..., 1)
-    var = x.var(axis=-1, keepdims=True)                             # (..., 1) biased
+    # two new arrays of x's size (xhat, out) and one scratch: the token arrays are large
+    xhat = x - x.mean(axis=-1, keepdims=True)                       # (..., C), centred
+    var = (xhat * xhat).mean(axis=-1, keepdims=True)                # (..., 1) biased
     rstd = 1.0 / xp.sqrt(var + eps)
-    xhat = (x - mean) * rstd
-    return gamma * xhat + beta, (xhat, rstd, gamma)
+    xhat *= rstd
+    out = xhat * gamma
+    out += beta
+    return out, (xhat, rstd, gamma)
 
 
 def layernorm_backward(dout, cache):
@@ -92,10 +111,17 @@ def layernorm_backward(dout, cache):
     xhat, rstd, gamma = cache
     C = gamma.shape[0]
     lead = tuple(range(dout.ndim - 1))
-    dgamma = (dout * xhat).sum(axis=lead)
+    xp = get_array_module(dout)
+    tmp = dout * xhat                                               # (..., C) scratch
+    dgamma = tmp.sum(axis=lead)
     dbeta = dout.sum(axis=lead)
     dxhat = dout * gamma                                            # (..., C)
-    # same form as BatchNorm's, with means over the channel axis of each token
-    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
-                 - xhat * (dxhat * xhat).sum(axis=-1, keepdims=True) / C)
-    return dx, dgamma, dbeta
+    # same form as BatchNorm's, with means over the channel axis of each token:
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), built in place in tmp
+    xp.multiply(dxhat, xhat, out=tmp)
+    proj = tmp.sum(axis=-1, keepdims=True) / C                      # (..., 1)
+    xp.multiply(xhat, -proj, out=tmp)
+    tmp += dxhat
+    tmp -= dxhat.mean(axis=-1, keepdims=True)
+    tmp *= rstd
+    return tmp, dgamma, dbeta

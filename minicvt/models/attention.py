@@ -5,7 +5,7 @@ Shapes: N batch, C = dim_in channels, D = dim_out, H, W the stage's token grid, 
 projections (keys/values squeezed by stride 2 have about 4x fewer), h heads, d = D / h.
 
     x (N, [1+]T, C)
-      split off the class token; tokens -> map (N, C, H, W)
+      split off the class token; tokens -> grid (N, H, W, C) (a view: channels last)
       conv_proj_q/k/v: 'dw_bn' depthwise conv -> BatchNorm -> tokens
                        'avg'   avg pool for k and v (q: none) -> tokens
                        'linear' none: q = k = v = x (plain ViT attention)
@@ -17,32 +17,33 @@ import numpy as np
 
 from .. import functional as F
 from .. import nn
-from .tokens import cat_cls, map_to_tokens, split_cls, tokens_to_map
+from .tokens import cat_cls, grid_to_tokens, map_to_tokens, split_cls, tokens_to_grid, tokens_to_map
 
 
 class ConvProjection(nn.Module):
-    """'dw_bn': map (N, C, H, W) -> tokens (N, H'W', C). `conv` is depthwise (weight (C, 1, k, k),
-    no bias), `bn` a BatchNorm2d(C); H' = (H + 2 padding - k) // stride + 1."""
+    """'dw_bn': grid (N, H, W, C) -> tokens (N, H'W', C). `conv` is depthwise (weight (C, 1, k, k),
+    no bias), `bn` a BatchNorm2d(C); H' = (H + 2 padding - k) // stride + 1. Both work channels
+    last, the tokens' own layout, so no transpose is needed on the way in or out."""
 
     def __init__(self, dim, kernel_size, padding, stride, dtype=np.float32, rng=None):
         super().__init__()
         self.conv = nn.DepthwiseConv2d(dim, kernel_size, stride=stride, padding=padding, bias=False,
-                                       dtype=dtype, rng=rng)
-        self.bn = nn.BatchNorm2d(dim, dtype=dtype)
+                                       dtype=dtype, rng=rng, channels_last=True)
+        self.bn = nn.BatchNorm2d(dim, dtype=dtype, channels_last=True)
 
     def forward(self, x):
-        y = self.bn(self.conv(x))                           # (N, C, H', W')
-        self._save(y.shape[2:])
-        return map_to_tokens(y)                             # (N, H'W', C)
+        y = self.bn(self.conv(x))                           # (N, H', W', C)
+        self._save(y.shape[1:3])
+        return grid_to_tokens(y)                            # (N, H'W', C)
 
     def backward(self, dout):
-        """dout (N, H'W', C) -> dx (N, C, H, W)."""
+        """dout (N, H'W', C) -> dx (N, H, W, C)."""
         OH, OW = self._take()                               # the projected grid H', W'
-        return self.conv.backward(self.bn.backward(tokens_to_map(dout, OH, OW)))
+        return self.conv.backward(self.bn.backward(tokens_to_grid(dout, OH, OW)))
 
 
 class AvgProjection(nn.Module):
-    """'avg' (keys and values only): map (N, C, H, W) -> tokens (N, H'W', C) by `avg`, an
+    """'avg' (keys and values only): grid (N, H, W, C) -> tokens (N, H'W', C) by `avg`, an
     AvgPool2d with ceil_mode=True (so an even grid keeps a partly padded last window:
     H' = ceil((H + 2 padding - k) / stride) + 1) and count_include_pad=True, as official."""
 
@@ -51,13 +52,14 @@ class AvgProjection(nn.Module):
         self.avg = nn.AvgPool2d(kernel_size, stride, padding, ceil_mode=True)
 
     def forward(self, x):
-        y = self.avg(x)                                     # (N, C, H', W')
+        y = self.avg(x.transpose(0, 3, 1, 2))               # (N, H, W, C) -> (N, C, H, W) -> (N, C, H', W')
         self._save(y.shape[2:])
         return map_to_tokens(y)                             # (N, H'W', C)
 
     def backward(self, dout):
+        """dout (N, H'W', C) -> dx (N, H, W, C)."""
         OH, OW = self._take()
-        return self.avg.backward(tokens_to_map(dout, OH, OW))
+        return self.avg.backward(tokens_to_map(dout, OH, OW)).transpose(0, 2, 3, 1)
 
 
 def _build_projection(dim, kernel_size, padding, stride, method, dtype, rng):
@@ -114,8 +116,8 @@ class Attention(nn.Module):
         cls = None
         if self.with_cls_token:
             cls, x = split_cls(x)                           # (N, 1, C), (N, T, C)
-        m = tokens_to_map(x, H, W) if any(p is not None for p in self._projections()) else None
-        qkv = [x if p is None else p(m) for p in self._projections()]
+        grid = tokens_to_grid(x, H, W)                      # (N, H, W, C), a view
+        qkv = [x if p is None else p(grid) for p in self._projections()]
         if cls is not None:
             qkv = [cat_cls(cls, t) for t in qkv]            # (N, 1 + T*, C)
         return qkv
@@ -128,14 +130,14 @@ class Attention(nn.Module):
             pairs = [split_cls(g) for g in grads]           # [(N, 1, C), (N, T*, C)] x 3
             dcls = pairs[0][0] + pairs[1][0] + pairs[2][0]
             grads = [t for _, t in pairs]
-        dtokens, dmap = [], []
+        dtokens, dgrid = [], []
         for p, g in zip(self._projections(), grads):
             if p is None:
                 dtokens.append(g)                           # passed through: (N, T, C)
             else:
-                dmap.append(p.backward(g))                  # (N, C, H, W)
-        if dmap:
-            dtokens.append(map_to_tokens(sum(dmap[1:], dmap[0])))   # (N, C, H, W) -> (N, T, C)
+                dgrid.append(p.backward(g))                 # (N, H, W, C)
+        if dgrid:
+            dtokens.append(grid_to_tokens(sum(dgrid[1:], dgrid[0])))   # (N, H, W, C) -> (N, T, C)
         dx = sum(dtokens[1:], dtokens[0])
         return dx if dcls is None else cat_cls(dcls, dx)
 

@@ -22,6 +22,21 @@ def tokens_to_map(x, H, W):
     return x.transpose(0, 2, 1).reshape(N, C, H, W)         # (N, C, T) -> (N, C, H, W)
 
 
+def tokens_to_grid(x, H, W):
+    """(N, H*W, C) -> (N, H, W, C): the same numbers on the token grid, channels last. Only
+    the token axis is split, so this is a view: no copy, and its inverse is the reshape back."""
+    N, T, C = x.shape
+    if T != H * W:
+        raise ValueError(f"tokens_to_grid: {T} tokens do not fill a {H}x{W} grid")
+    return x.reshape(N, H, W, C)
+
+
+def grid_to_tokens(x):
+    """(N, H, W, C) -> (N, H*W, C), the inverse of tokens_to_grid."""
+    N, H, W, C = x.shape
+    return x.reshape(N, H * W, C)
+
+
 def cat_cls(cls, x):
     """cls (N, 1, C), x (N, T, C) -> (N, 1 + T, C), the class token in front."""
     return get_array_module(x).concatenate([cls, x], axis=1)

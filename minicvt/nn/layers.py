@@ -67,18 +67,21 @@ class Conv2d(_WeightBias):
 
 
 class DepthwiseConv2d(_WeightBias):
-    """x (N, C, H, W) -> (N, C, OH, OW); weight (C, 1, kh, kw) as PyTorch's Conv2d(groups=C)."""
+    """x (N, C, H, W) -> (N, C, OH, OW), or (N, H, W, C) -> (N, OH, OW, C) with channels_last;
+    weight (C, 1, kh, kw) as PyTorch's Conv2d(groups=C) in both layouts."""
 
-    def __init__(self, channels, kernel_size, stride=1, padding=0, bias=False, dtype=np.float32, rng=None):
+    def __init__(self, channels, kernel_size, stride=1, padding=0, bias=False, dtype=np.float32, rng=None,
+                 channels_last=False):
         super().__init__()
         kh, kw = pair(kernel_size, "kernel_size")
-        self.stride, self.padding = stride, padding
+        self.stride, self.padding, self.channels_last = stride, padding, channels_last
         self.weight, b = _pytorch_default(rng, (channels, 1, kh, kw), kh * kw, bias, dtype)
         if b is not None:
             self.bias = b
 
     def forward(self, x):
-        out, cache = F.depthwise_conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding)
+        out, cache = F.depthwise_conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding,
+                                                self.channels_last)
         self._save(cache)
         return out
 
@@ -109,13 +112,13 @@ class Linear(_WeightBias):
 
 
 class BatchNorm2d(Module):
-    """x (N, C, H, W) -> same. weight/bias (C,) trained; running_mean/running_var (C,) and
-    num_batches_tracked () are buffers, updated in training mode (momentum 0.1, unbiased
-    running variance, as PyTorch)."""
+    """x (N, C, H, W) -> same, or (N, H, W, C) with channels_last. weight/bias (C,) trained;
+    running_mean/running_var (C,) and num_batches_tracked () are buffers, updated in training
+    mode (momentum 0.1, unbiased running variance, as PyTorch)."""
 
-    def __init__(self, channels, eps=1e-5, momentum=0.1, dtype=np.float32):
+    def __init__(self, channels, eps=1e-5, momentum=0.1, dtype=np.float32, channels_last=False):
         super().__init__()
-        self.eps, self.momentum = eps, momentum
+        self.eps, self.momentum, self.channels_last = eps, momentum, channels_last
         self.weight = Parameter(backend.to_device(np.ones(channels, dtype)))
         self.bias = Parameter(backend.to_device(np.zeros(channels, dtype)))
         self.register_buffer("running_mean", backend.to_device(np.zeros(channels, dtype)))
@@ -125,7 +128,7 @@ class BatchNorm2d(Module):
     def forward(self, x):
         out, cache, (mean, var) = F.batchnorm2d_forward(
             x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
-            self.training, self.momentum, self.eps)
+            self.training, self.momentum, self.eps, self.channels_last)
         if self.training:
             self.running_mean, self.running_var = mean, var
             self.num_batches_tracked = self.num_batches_tracked + 1
