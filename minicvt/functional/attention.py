@@ -12,15 +12,18 @@ def softmax_forward(x, axis=-1):
     """Numerically stable softmax: subtracting the max leaves the result unchanged and keeps
     exp() from overflowing. x (any) -> p (same shape). cache: p (its own derivative needs only p)."""
     xp = get_array_module(x)
-    e = xp.exp(x - x.max(axis=axis, keepdims=True))
-    p = e / e.sum(axis=axis, keepdims=True)
+    p = x - x.max(axis=axis, keepdims=True)                 # the one new array; then in place
+    xp.exp(p, out=p)
+    p /= p.sum(axis=axis, keepdims=True)
     return p, (p, axis)
 
 
 def softmax_backward(dout, cache):
     """dout -> dx = p * (dout - sum(dout * p)) along the softmax axis (Jacobian diag(p) - p p^T)."""
     p, axis = cache
-    return p * (dout - (dout * p).sum(axis=axis, keepdims=True))
+    dx = dout - (dout * p).sum(axis=axis, keepdims=True)
+    dx *= p
+    return dx
 
 
 def split_heads(x, num_heads):
@@ -63,7 +66,8 @@ def attention_forward(q, k, v, num_heads, scale=None, drop_mask=None):
             raise ValueError(f"attention: drop_mask must be {q.dtype} of shape {want}, "
                              f"got {drop_mask.dtype} {tuple(drop_mask.shape)}")
     qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
-    scores = (qh @ kh.transpose(0, 1, 3, 2)) * scale          # (N, h, Tq, Tk)
+    scores = qh @ kh.transpose(0, 1, 3, 2)                    # (N, h, Tq, Tk)
+    scores *= scale
     p, _ = softmax_forward(scores)                            # (N, h, Tq, Tk)
     pd = p if drop_mask is None else p * drop_mask            # dropped-out probabilities
     out = merge_heads(pd @ vh)                                # (N, h, Tq, d) -> (N, Tq, C)
@@ -80,7 +84,8 @@ def attention_backward(dout, cache):
     dp = douth @ vh.transpose(0, 1, 3, 2)                     # (N, h, Tq, Tk), w.r.t. pd
     if drop_mask is not None:
         dp = dp * drop_mask                                   # back through p * mask
-    dscores = softmax_backward(dp, (p, -1)) * scale           # (N, h, Tq, Tk)
+    dscores = softmax_backward(dp, (p, -1))                   # (N, h, Tq, Tk)
+    dscores *= scale
     dq = dscores @ kh                                         # (N, h, Tq, d)
     dk = dscores.transpose(0, 1, 3, 2) @ qh                   # (N, h, Tk, d)
     return merge_heads(dq), merge_heads(dk), merge_heads(dv)
