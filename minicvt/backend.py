@@ -13,13 +13,41 @@ Rules (see docs/backend.md):
   moved with `to_device`, so a CPU run and a GPU run start from identical weights.
 - Random numbers needed during training (dropout masks, augmentation) come from
   `BackendRNG`, which draws on the device that holds the data.
+- On Linux, importing minicvt asks the C allocator to keep freed large blocks for reuse
+  (`reuse_freed_memory`; MINICVT_REUSE_MEMORY=0 turns it off).
 """
+import ctypes
 import os
+import sys
 
 import numpy as np
 
 _NAMES = ("numpy", "cupy")
 _state = {"name": None, "xp": None}
+
+
+def reuse_freed_memory(limit=1 << 30):
+    """Let glibc's malloc serve arrays up to `limit` bytes from its heap and keep freed ones
+    there, instead of mapping fresh pages from the kernel for every array over 32 MB (its
+    largest default) and unmapping them on free. NumPy allocates a new array for every
+    result, and the first write to each freshly mapped page is a page fault: for a 33 MB
+    array (the MLP's hidden activations in stage 0 at batch 128) that costs about 30 ms,
+    several times the matmul that fills it (docs/performance.md). With the blocks kept, the
+    next step reuses the same memory. The process keeps its peak memory instead of returning
+    it to the system between steps. Returns whether it took effect (glibc on Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):                      # another C library (e.g. musl)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3            # from glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, limit)) and bool(mallopt(M_TRIM_THRESHOLD, limit))
+
+
+if os.environ.get("MINICVT_REUSE_MEMORY", "1") != "0":
+    reuse_freed_memory()
 
 
 class BackendError(RuntimeError):

@@ -173,16 +173,17 @@ def depthwise_conv2d_backward(dout, cache):
     C, (N, _, H, W), window, wshape = _depthwise_layout(x_shape, channels_last)
     kh, kw = w.shape[2:]
     OH, OW = dout.shape[1:3] if channels_last else dout.shape[2:]
-    sum_axes = (0, 1, 2) if channels_last else (0, 2, 3)    # every axis but the channels
+    # sum over every axis but the channels; einsum multiplies and adds in one pass, without
+    # the full-size product array that (dout * view).sum(...) would make first
+    per_channel = "nhwc,nhwc->c" if channels_last else "nchw,nchw->c"
     dxpad = xp.zeros_like(xpad)
     dw = xp.zeros_like(w)
     tmp = xp.empty_like(dout)
     for i in range(kh):
         for j in range(kw):
             win = window(slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))
-            xp.multiply(dout, xpad[win], out=tmp)
-            dw[:, 0, i, j] = tmp.sum(axis=sum_axes)
+            dw[:, 0, i, j] = xp.einsum(per_channel, dout, xpad[win])
             xp.multiply(dout, w[:, 0, i, j].reshape(wshape), out=tmp)
             dxpad[win] += tmp
-    db = dout.sum(axis=sum_axes) if has_bias else None
+    db = dout.sum(axis=(0, 1, 2) if channels_last else (0, 2, 3)) if has_bias else None
     return dxpad[window(slice(ph, ph + H), slice(pw, pw + W))], dw, db

@@ -27,7 +27,7 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
     check_ndim(layer, "x", x, 4, "(N, H, W, C)" if channels_last else "(N, C, H, W)")
     check_float(layer, ("x", x), ("gamma", gamma), ("beta", beta),
                 ("running_mean", running_mean), ("running_var", running_var))
-    axes, shape = _bn_axes(x.shape, channels_last)
+    axes, shape, spec = _bn_axes(x.shape, channels_last)
     C = x.shape[-1] if channels_last else x.shape[1]
     for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
                     ("running_var", running_var)):
@@ -41,14 +41,15 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
             raise ValueError(f"batchnorm2d: training needs more than one value per channel, got "
                              f"input shape {tuple(x.shape)}")
         mean = x.mean(axis=axes)                                    # (C,)
-        var = x.var(axis=axes)                                      # (C,) biased
+        xhat = x - mean.reshape(shape)                              # x's shape, centred
+        var = xp.einsum(spec, xhat, xhat) / M                       # (C,) biased
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
         new_var = (1.0 - momentum) * running_var + momentum * var * (M / (M - 1))
     else:
         mean, var = running_mean, running_var
         new_mean, new_var = running_mean, running_var
+        xhat = x - mean.reshape(shape)
     rstd = 1.0 / xp.sqrt(var + eps)                                 # (C,)
-    xhat = x - mean.reshape(shape)                                  # x's shape
     xhat *= rstd.reshape(shape)
     out = xhat * gamma.reshape(shape)
     out += beta.reshape(shape)
@@ -56,19 +57,22 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
 
 
 def _bn_axes(x_shape, channels_last):
-    """The axes BatchNorm reduces over (all but the channels) and the shape that broadcasts a
-    per-channel (C,) vector against x: (C, 1, 1) for (N, C, H, W), (C,) for (N, H, W, C)."""
+    """The axes BatchNorm reduces over (all but the channels), the shape that broadcasts a
+    per-channel (C,) vector against x ((C, 1, 1) for (N, C, H, W), (C,) for (N, H, W, C)),
+    and the einsum of a per-channel sum of products, which multiplies and adds in one pass
+    without a product array of x's size."""
     if channels_last:
-        return (0, 1, 2), (x_shape[-1],)
-    return (0, 2, 3), (x_shape[1], 1, 1)
+        return (0, 1, 2), (x_shape[-1],), "nhwc,nhwc->c"
+    return (0, 2, 3), (x_shape[1], 1, 1), "nchw,nchw->c"
 
 
 def batchnorm2d_backward(dout, cache):
     """dout (x's shape) -> dx (x's shape), dgamma (C,), dbeta (C,)."""
     xhat, rstd, gamma, training, channels_last = cache
-    axes, shape = _bn_axes(dout.shape, channels_last)
+    axes, shape, spec = _bn_axes(dout.shape, channels_last)
+    xp = get_array_module(dout)
     dbeta = dout.sum(axis=axes)
-    dgamma = (dout * xhat).sum(axis=axes)
+    dgamma = xp.einsum(spec, dout, xhat)
     g = (gamma * rstd).reshape(shape)
     if not training:
         return dout * g, dgamma, dbeta
@@ -96,9 +100,10 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
         raise ValueError(f"layernorm: x must have shape (..., {C}), got {tuple(x.shape)}")
     check_shape(layer, "beta", beta, (C,))
     xp = get_array_module(x)
-    # two new arrays of x's size (xhat, out) and one scratch: the token arrays are large
+    # two new arrays of x's size (xhat, out): the token arrays are large. The sum of squares
+    # is an einsum, which multiplies and adds in one pass with no product array
     xhat = x - x.mean(axis=-1, keepdims=True)                       # (..., C), centred
-    var = (xhat * xhat).mean(axis=-1, keepdims=True)                # (..., 1) biased
+    var = xp.einsum("...c,...c->...", xhat, xhat)[..., None] / C    # (..., 1) biased
     rstd = 1.0 / xp.sqrt(var + eps)
     xhat *= rstd
     out = xhat * gamma
@@ -112,16 +117,15 @@ def layernorm_backward(dout, cache):
     C = gamma.shape[0]
     lead = tuple(range(dout.ndim - 1))
     xp = get_array_module(dout)
-    tmp = dout * xhat                                               # (..., C) scratch
-    dgamma = tmp.sum(axis=lead)
+    # sums of products as einsum: one pass, no product array (rows m = every leading index)
+    dgamma = xp.einsum("mc,mc->c", dout.reshape(-1, C), xhat.reshape(-1, C))
     dbeta = dout.sum(axis=lead)
     dxhat = dout * gamma                                            # (..., C)
     # same form as BatchNorm's, with means over the channel axis of each token:
-    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), built in place in tmp
-    xp.multiply(dxhat, xhat, out=tmp)
-    proj = tmp.sum(axis=-1, keepdims=True) / C                      # (..., 1)
-    xp.multiply(xhat, -proj, out=tmp)
-    tmp += dxhat
-    tmp -= dxhat.mean(axis=-1, keepdims=True)
-    tmp *= rstd
-    return tmp, dgamma, dbeta
+    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), built in place
+    proj = xp.einsum("...c,...c->...", dxhat, xhat)[..., None] / C  # (..., 1)
+    dx = xhat * -proj
+    dx += dxhat
+    dx -= dxhat.mean(axis=-1, keepdims=True)
+    dx *= rstd
+    return dx, dgamma, dbeta
