@@ -196,3 +196,32 @@ def test_only_backend_imports_cupy():
     # the pattern does find the imports that are allowed, so the scan above can fail
     assert _CUPY_IMPORT.search((package / "backend.py").read_text())
     assert len(files) > 5
+
+
+
+_FAULTS_OF_A_REUSED_40MB_ARRAY = """
+import resource, numpy as np, minicvt.backend
+a = np.ones(40 * 2 ** 20, np.uint8)            # allocated, written (page faults), freed
+del a
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+a = np.ones(40 * 2 ** 20, np.uint8)            # the same size again
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_reuse_freed_memory_spares_the_page_faults_of_a_large_array():
+    """With glibc's default, an array over 32 MB is mapped fresh and every page faults again on
+    first write; after minicvt's import (reuse_freed_memory) the freed block is reused."""
+    import os
+    import subprocess
+
+    faults = {}
+    for setting in ("0", "1"):
+        env = {**os.environ, "MINICVT_REUSE_MEMORY": setting}
+        run = subprocess.run([sys.executable, "-c", _FAULTS_OF_A_REUSED_40MB_ARRAY], env=env,
+                             capture_output=True, text=True, check=True)
+        faults[setting] = int(run.stdout.strip())
+    # 40 MB is 10240 pages of 4 KB (20 if the kernel backs them with 2 MB huge pages)
+    assert faults["0"] >= 20, faults
+    assert faults["1"] <= faults["0"] // 10, faults
