@@ -130,7 +130,8 @@ def _depthwise_layout(x_shape, channels_last):
 def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=False):
     """Depthwise convolution: each channel is convolved with its own kh x kw filter
     (PyTorch's Conv2d with groups=C). No im2col: with one filter per channel there is no
-    matmul to gain, so it is a multiply-accumulate over the kh*kw shifted views.
+    matmul to gain, so it is a multiply-accumulate over the kh*kw shifted views (forward:
+    one einsum over a sliding-window view; backward: a loop over the offsets).
 
     x (N, C, H, W), w (C, 1, kh, kw), b (C,) or None -> out (N, C, OH, OW); with
     channels_last, x (N, H, W, C) -> out (N, OH, OW, C). Channels last is faster: each
@@ -151,14 +152,17 @@ def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=Fa
     xp = get_array_module(x)
     (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry(layer, nchw, w.shape[2:], stride, padding)
     xpad = _pad(x, ph, pw, channels_last)                   # H and W padded by ph, pw
-    out_shape = (x.shape[0], OH, OW, C) if channels_last else (x.shape[0], C, OH, OW)
-    out = xp.zeros(out_shape, dtype=x.dtype)
-    tmp = xp.empty_like(out)                                # one scratch buffer for all offsets
-    for i in range(kh):
-        for j in range(kw):
-            view = xpad[window(slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))]   # out's shape
-            xp.multiply(view, w[:, 0, i, j].reshape(wshape), out=tmp)
-            out += tmp
+    # every kh x kw window of the padded map as a view (no copy), kept at the stride's steps:
+    # (N, OH, OW, C, kh, kw) channels last, (N, C, OH, OW, kh, kw) otherwise. One einsum then
+    # sums window * filter per channel in a single pass, where a loop over the kh*kw offsets
+    # would make two passes over the output for each (2 to 4x slower on the CPU).
+    hw_axes = (1, 2) if channels_last else (2, 3)
+    windows = xp.lib.stride_tricks.sliding_window_view(xpad, (kh, kw), axis=hw_axes)
+    windows = windows[window(slice(0, sh * OH, sh), slice(0, sw * OW, sw))]
+    if channels_last:       # the filters as (kh, kw, C): channels innermost, as in the windows
+        out = xp.einsum("nhwcij,ijc->nhwc", windows, xp.ascontiguousarray(w[:, 0].transpose(1, 2, 0)))
+    else:
+        out = xp.einsum("nchwij,cij->nchw", windows, w[:, 0])
     if b is not None:
         out += b.reshape(wshape)
     cache = (x.shape, xpad, w, b is not None, (sh, sw), (ph, pw), channels_last)

@@ -9,9 +9,12 @@ from ..backend import get_array_module
 
 
 def map_to_tokens(x):
-    """(N, C, H, W) -> (N, H*W, C), rearrange 'b c h w -> b (h w) c'; row-major over (h, w)."""
+    """(N, C, H, W) -> (N, H*W, C), rearrange 'b c h w -> b (h w) c'; row-major over (h, w).
+    Copied into token order: every layer after it (LayerNorm, the Linear matmuls, residual
+    adds) runs faster on contiguous tokens than on a transposed view, forward and backward."""
     N, C, H, W = x.shape
-    return x.reshape(N, C, H * W).transpose(0, 2, 1)        # (N, C, T) -> (N, T, C)
+    xp = get_array_module(x)
+    return xp.ascontiguousarray(x.reshape(N, C, H * W).transpose(0, 2, 1))   # (N, C, T) -> (N, T, C)
 
 
 def tokens_to_map(x, H, W):
