@@ -127,17 +127,28 @@ def _depthwise_layout(x_shape, channels_last):
     return x_shape[1], x_shape, lambda rows, cols: (slice(None), slice(None), rows, cols), (x_shape[1], 1, 1)
 
 
+def _windows(xpad, kernel, stride, out_hw, channels_last, window):
+    """Every kernel-sized window of the padded map at the stride's steps, as a view (no copy:
+    each window is another set of strides into the same memory):
+    (N, OH, OW, C, kh, kw) channels last, (N, C, OH, OW, kh, kw) otherwise."""
+    xp = get_array_module(xpad)
+    (sh, sw), (OH, OW) = stride, out_hw
+    axes = (1, 2) if channels_last else (2, 3)
+    windows = xp.lib.stride_tricks.sliding_window_view(xpad, kernel, axis=axes)
+    return windows[window(slice(0, sh * OH, sh), slice(0, sw * OW, sw))]
+
+
 def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=False):
     """Depthwise convolution: each channel is convolved with its own kh x kw filter
     (PyTorch's Conv2d with groups=C). No im2col: with one filter per channel there is no
-    matmul to gain, so it is a multiply-accumulate over the kh*kw shifted views (forward:
-    one einsum over a sliding-window view; backward: a loop over the offsets).
+    matmul to gain: each output is a window of the input times the filter, summed, done as
+    one einsum over a sliding-window view (and dw the same way; dx loops over the offsets).
 
     x (N, C, H, W), w (C, 1, kh, kw), b (C,) or None -> out (N, C, OH, OW); with
     channels_last, x (N, H, W, C) -> out (N, OH, OW, C). Channels last is faster: each
     multiply-accumulate runs along C contiguous values rather than along a short row of
     OW, and CvT's tokens (N, H*W, C) are already in that layout (docs/performance.md).
-    cache: the padded input (each kernel offset reads a strided view of it) and w.
+    cache: the padded input (dw reads its windows again) and w.
     """
     layer = "depthwise_conv2d"
     check_ndim(layer, "x", x, 4, "(N, H, W, C)" if channels_last else "(N, C, H, W)")
@@ -152,13 +163,9 @@ def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=Fa
     xp = get_array_module(x)
     (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry(layer, nchw, w.shape[2:], stride, padding)
     xpad = _pad(x, ph, pw, channels_last)                   # H and W padded by ph, pw
-    # every kh x kw window of the padded map as a view (no copy), kept at the stride's steps:
-    # (N, OH, OW, C, kh, kw) channels last, (N, C, OH, OW, kh, kw) otherwise. One einsum then
-    # sums window * filter per channel in a single pass, where a loop over the kh*kw offsets
-    # would make two passes over the output for each (2 to 4x slower on the CPU).
-    hw_axes = (1, 2) if channels_last else (2, 3)
-    windows = xp.lib.stride_tricks.sliding_window_view(xpad, (kh, kw), axis=hw_axes)
-    windows = windows[window(slice(0, sh * OH, sh), slice(0, sw * OW, sw))]
+    # one einsum sums window * filter per channel in a single pass, where a loop over the
+    # kh*kw offsets would make two passes over the output for each (2 to 4x slower on the CPU)
+    windows = _windows(xpad, (kh, kw), (sh, sw), (OH, OW), channels_last, window)
     if channels_last:       # the filters as (kh, kw, C): channels innermost, as in the windows
         out = xp.einsum("nhwcij,ijc->nhwc", windows, xp.ascontiguousarray(w[:, 0].transpose(1, 2, 0)))
     else:
@@ -177,17 +184,17 @@ def depthwise_conv2d_backward(dout, cache):
     C, (N, _, H, W), window, wshape = _depthwise_layout(x_shape, channels_last)
     kh, kw = w.shape[2:]
     OH, OW = dout.shape[1:3] if channels_last else dout.shape[2:]
-    # sum over every axis but the channels; einsum multiplies and adds in one pass, without
-    # the full-size product array that (dout * view).sum(...) would make first
-    per_channel = "nhwc,nhwc->c" if channels_last else "nchw,nchw->c"
+    # dw[c, i, j] = sum over n and the output grid of dout * window[..., i, j]: one einsum over
+    # the forward's windows (a view again), without a product array of dout's size
+    windows = _windows(xpad, (kh, kw), (sh, sw), (OH, OW), channels_last, window)
+    spec = "nhwcij,nhwc->cij" if channels_last else "nchwij,nchw->cij"
+    dw = xp.einsum(spec, windows, dout)[:, None]            # (C, kh, kw) -> (C, 1, kh, kw)
+    # dx: the adjoint of "take the strided view of offset (i, j)" is "add into it"
     dxpad = xp.zeros_like(xpad)
-    dw = xp.zeros_like(w)
     tmp = xp.empty_like(dout)
     for i in range(kh):
         for j in range(kw):
-            win = window(slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))
-            dw[:, 0, i, j] = xp.einsum(per_channel, dout, xpad[win])
             xp.multiply(dout, w[:, 0, i, j].reshape(wshape), out=tmp)
-            dxpad[win] += tmp
+            dxpad[window(slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))] += tmp
     db = dout.sum(axis=(0, 1, 2) if channels_last else (0, 2, 3)) if has_bias else None
     return dxpad[window(slice(ph, ph + H), slice(pw, pw + W))], dw, db
