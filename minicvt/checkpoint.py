@@ -23,6 +23,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
 
 
+def _default_file_mode():
+    """The mode open() would give a new file: 0o666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_savez(path, arrays):
     """np.savez to path via a temporary file + fsync + rename (atomic on POSIX)."""
     path = Path(path)
@@ -33,6 +40,7 @@ def atomic_savez(path, arrays):
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_file_mode())         # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

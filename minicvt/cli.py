@@ -22,7 +22,7 @@ from . import nn
 
 def _layer_cases(rand):
     """(name, module, inputs, reset) for one representative configuration of every layer."""
-    dropout = nn.Dropout(0.3)
+    dropout, drop_path = nn.Dropout(0.3), nn.DropPath(0.3)
     cases = [
         ("Conv2d k3 s2 p1", nn.Conv2d(3, 4, 3, stride=2, padding=1), (rand(2, 3, 5, 6),), None),
         ("Conv2d k1", nn.Conv2d(3, 4, 1), (rand(2, 3, 4, 3),), None),
@@ -36,12 +36,13 @@ def _layer_cases(rand):
         ("GELU (tanh)", nn.GELU("tanh"), (rand(3, 5),), None),
         ("QuickGELU", nn.QuickGELU(), (rand(3, 5),), None),
         ("Dropout p=0.3", dropout, (rand(3, 5),), lambda: dropout.rng.seed(7)),
+        ("DropPath p=0.3", drop_path, (rand(6, 4, 5),), lambda: drop_path.rng.seed(7)),
         ("AvgPool2d k3 s2 p1 ceil", nn.AvgPool2d(3, 2, 1, ceil_mode=True), (rand(2, 3, 5, 6),), None),
         ("TokenMean", nn.TokenMean(), (rand(2, 4, 6),), None),
         ("Attention Tq=9 Tk=4 h=2", nn.ScaledDotProductAttention(2),
          (rand(2, 9, 8), rand(2, 4, 8), rand(2, 4, 8)), None),
     ]
-    dropout.rng = backend.BackendRNG(7)
+    dropout.rng, drop_path.rng = backend.BackendRNG(7), backend.BackendRNG(7)
     return cases
 
 

@@ -104,3 +104,16 @@ def test_inference_copy_is_half_precision_and_loads(tmp_path):
     w = backend.to_numpy(other.state_dict()["0.weight"])
     assert w.dtype == np.float32
     np.testing.assert_allclose(w, backend.to_numpy(model.state_dict()["0.weight"]), rtol=1e-3, atol=1e-4)
+
+
+def test_checkpoint_gets_the_usual_file_mode(tmp_path):
+    """Not the 0600 of the temporary file it is written through: what open() would give."""
+    import os
+    import stat
+    old = os.umask(0o022)
+    try:
+        model, opt = _model_and_optimizer(0)
+        save_checkpoint(tmp_path / "c.npz", model, opt, {"epoch": 0})
+        assert stat.S_IMODE((tmp_path / "c.npz").stat().st_mode) == 0o644
+    finally:
+        os.umask(old)

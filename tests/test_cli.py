@@ -12,7 +12,7 @@ from minicvt import backend, cli
 
 # one word from the printed name of each layer family the check must cover
 FAMILIES = ["Conv2d", "DepthwiseConv2d", "Linear", "BatchNorm2d", "LayerNorm", "GELU", "QuickGELU",
-            "Dropout", "AvgPool2d", "TokenMean", "Attention", "CrossEntropy"]
+            "Dropout", "DropPath", "AvgPool2d", "TokenMean", "Attention", "CrossEntropy"]
 
 
 @pytest.fixture

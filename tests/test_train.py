@@ -200,3 +200,13 @@ def test_evaluate_matches_a_direct_forward_pass(folder, xp):
         assert per_class[k] == pytest.approx(hit[labels == k].mean(), abs=1e-12), k
     counts = np.bincount(labels, minlength=len(classes))
     assert acc == pytest.approx((per_class * counts).sum() / counts.sum(), abs=1e-12)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", -0.1, "lr must be > 0"), ("lr", 0.0, "lr must be > 0"),
+    ("weight_decay", -1e-4, "weight_decay must be >= 0"), ("warmup_epochs", -1, "warmup_epochs must be >= 0"),
+    ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\)"), ("limit_train", -5, "limit_train must be >= 0"),
+])
+def test_train_config_refuses_settings_that_make_no_sense(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value})
