@@ -29,7 +29,7 @@ import tracemalloc
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")   # as layer_times.py
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MINICVT_NUM_THREADS")
 MB = 2.0 ** 20
 # The trainer's SGD recipe except the learning rate: its 0.1 on one batch seen over and over makes
 # the loss jump about (2 -> 8 within a few steps at batch 8); 0.01 lets it settle. The learning rate

@@ -152,14 +152,25 @@ def erf(x):
     return scipy_erf(x)
 
 
-def erfc(x):
-    """Elementwise complementary error function 1 - erf(x), like `erf` above. For large x it
-    keeps the digits that 1 - erf(x) would lose to cancellation (exact GELU's left tail)."""
+def erfc(x, out=None):
+    """Elementwise complementary error function 1 - erf(x), like `erf` above (into `out`
+    when given). For large x it keeps the digits that 1 - erf(x) would lose to cancellation
+    (exact GELU's left tail)."""
     if is_cupy_array(x):
         from cupyx.scipy.special import erfc as cupy_erfc
-        return cupy_erfc(x)
+        return cupy_erfc(x, out=out)
     from scipy.special import erfc as scipy_erfc
-    return scipy_erfc(x)
+    return scipy_erfc(x, out=out)
+
+
+def einsum(spec, *operands, out):
+    """xp.einsum written into `out`: NumPy's einsum takes out=, CuPy's has no such argument
+    (its result is copied in)."""
+    if is_cupy_array(out):
+        out[...] = get_array_module(out).einsum(spec, *operands)
+    else:
+        np.einsum(spec, *operands, out=out)
+    return out
 
 
 def host_rng(seed):

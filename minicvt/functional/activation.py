@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import backend, parallel
 from ..backend import get_array_module
 
 _SQRT_HALF = math.sqrt(0.5)
@@ -27,63 +27,103 @@ def gelu_forward(x, approximate="none"):
     most float64 digits: (1 + erf(z)) / 2 as erfc(-z) / 2, and (1 + tanh u) / 2 as sigmoid(2u).
     cache: x and the Phi(x) value, which the derivative reuses.
     """
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    xp = get_array_module(x)
+    cdf, out = xp.empty_like(x), xp.empty_like(x)
+    parallel.rows(_gelu_rows, (x, cdf, out), approximate)
+    return out, (approximate, x, cdf)
+
+
+def _gelu_rows(x, cdf, out, approximate):
+    """A block of rows of the forward, written into cdf and out without a new array."""
+    xp = get_array_module(x)
     if approximate == "none":
-        cdf = backend.erfc(x * -_SQRT_HALF)
+        xp.multiply(x, -_SQRT_HALF, out=cdf)
+        backend.erfc(cdf, out=cdf)
         cdf *= 0.5
-        return x * cdf, ("none", x, cdf)
-    if approximate == "tanh":
-        s = _sigmoid_of(x + _TANH_C * x * x * x, 2.0 * _SQRT_2_OVER_PI)
-        return x * s, ("tanh", x, s)
-    raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    else:
+        xp.multiply(x, x, out=cdf)                  # u / sqrt(2/pi) = x + c x^3 = (1 + c x^2) x
+        cdf *= _TANH_C
+        cdf += 1.0
+        cdf *= x
+        _sigmoid_into(cdf, 2.0 * _SQRT_2_OVER_PI, cdf)
+    xp.multiply(x, cdf, out=out)
 
 
 def gelu_backward(dout, cache):
     """dout -> dx. exact: d/dx x Phi(x) = Phi(x) + x phi(x), phi the normal density."""
     kind, x, a = cache
+    dx = get_array_module(x).empty_like(dout)
+    parallel.rows(_gelu_grad_rows, (dout, x, a, dx), kind)
+    return dx
+
+
+def _gelu_grad_rows(dout, x, a, d, kind):
+    """A block of rows of the backward, built in d in place."""
     xp = get_array_module(x)
+    xp.multiply(x, x, out=d)
     if kind == "none":
-        d = x * x                                   # one new array, then in place:
         d *= -0.5
         xp.exp(d, out=d)
         d *= _INV_SQRT_2PI                          # phi(x)
         d *= x
         d += a                                      # Phi(x) + x phi(x)
-        d *= dout
-        return d
-    # tanh form, s = sigmoid(2u): d/dx [x s] = s + x * 2 s (1 - s) * du/dx,
-    # du/dx = sqrt(2/pi) (1 + 3c x^2); the same as (1 + t)/2 + x/2 (1 - t^2) du/dx, t = tanh u
-    du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_C * x * x)
-    return dout * (a + 2.0 * x * a * (1.0 - a) * du)
+    else:
+        # tanh form, s = sigmoid(2u): d/dx [x s] = s + x * 2 s (1 - s) * du/dx,
+        # du/dx = sqrt(2/pi) (1 + 3c x^2); the same as (1 + t)/2 + x/2 (1 - t^2) du/dx, t = tanh u
+        d *= 3.0 * _TANH_C
+        d += 1.0
+        d *= 2.0 * _SQRT_2_OVER_PI                  # 2 du/dx
+        d *= x
+        d *= a
+        d *= 1.0 - a                                # a new array of the block's size, not of x's
+        d += a
+    d *= dout
 
 
-def _sigmoid_of(x, a):
-    """sigmoid(a x) = 1 / (1 + exp(-a x)), a a Python float. For a x << 0 this keeps full
-    relative precision (no 1 - (almost 1)); where exp(-a x) overflows to inf the result is
-    exactly 0, the right limit, so the overflow warning is silenced. One new array and four
-    passes over it in place: the MLP's hidden activations are the largest arrays in the
-    model, and a new array of that size costs as much as a pass (docs/performance.md)."""
+def _sigmoid_into(x, a, out):
+    """out = sigmoid(a x) = 1 / (1 + exp(-a x)), a a Python float; out may be x itself.
+    For a x << 0 this keeps full relative precision (no 1 - (almost 1)); where exp(-a x)
+    overflows to inf the result is exactly 0, the right limit, so the overflow warning is
+    silenced. Four passes in place, no new array: the MLP's hidden activations are the
+    largest arrays in the model, and a new array of that size costs as much as a pass
+    (docs/performance.md)."""
     xp = get_array_module(x)
-    z = x * -a
+    xp.multiply(x, -a, out=out)
     with np.errstate(over="ignore"):          # NumPy only; CuPy does not warn
-        xp.exp(z, out=z)
-    z += 1.0
-    return xp.reciprocal(z, out=z)
+        xp.exp(out, out=out)
+    out += 1.0
+    xp.reciprocal(out, out=out)
 
 
 def quick_gelu_forward(x):
     """QuickGELU(x) = x * sigmoid(1.702 x), the activation of the official CvT code.
     cache: x and s = sigmoid(1.702 x)."""
-    s = _sigmoid_of(x, _QUICK)
-    return x * s, (x, s)
+    xp = get_array_module(x)
+    s, out = xp.empty_like(x), xp.empty_like(x)
+    parallel.rows(_quick_gelu_rows, (x, s, out))
+    return out, (x, s)
+
+
+def _quick_gelu_rows(x, s, out):
+    _sigmoid_into(x, _QUICK, s)
+    get_array_module(x).multiply(x, s, out=out)
 
 
 def quick_gelu_backward(dout, cache):
     """dout -> dx = dout * (s + 1.702 x s (1 - s))."""
     x, s = cache
-    d = 1.0 - s                                 # one new array, then in place:
+    dx = get_array_module(x).empty_like(dout)
+    parallel.rows(_quick_gelu_grad_rows, (dout, x, s, dx))
+    return dx
+
+
+def _quick_gelu_grad_rows(dout, x, s, d):
+    xp = get_array_module(x)
+    xp.subtract(1.0, s, out=d)                  # in place, no new array:
     d *= s
     d *= x
     d *= _QUICK
     d += s                                      # s + 1.702 x s (1 - s)
     d *= dout
-    return d

@@ -4,6 +4,7 @@ Shapes: N batch, Tq query tokens, Tk key/value tokens (fewer when keys and value
 squeezed by a strided projection), C = h * d channels, h heads, d head dimension.
 Derivations: docs/attention.md.
 """
+from .. import parallel
 from ..backend import get_array_module
 from ._checks import check_float, check_ndim
 
@@ -11,19 +12,40 @@ from ._checks import check_float, check_ndim
 def softmax_forward(x, axis=-1):
     """Numerically stable softmax: subtracting the max leaves the result unchanged and keeps
     exp() from overflowing. x (any) -> p (same shape). cache: p (its own derivative needs only p)."""
+    p = get_array_module(x).empty(x.shape, x.dtype)                 # the one new array
+    _by_rows(_softmax_rows, (x, p), axis)
+    return p, (p, axis)
+
+
+def _softmax_rows(x, p, axis):
     xp = get_array_module(x)
-    p = x - x.max(axis=axis, keepdims=True)                 # the one new array; then in place
+    xp.subtract(x, x.max(axis=axis, keepdims=True), out=p)          # then in place
     xp.exp(p, out=p)
     p /= p.sum(axis=axis, keepdims=True)
-    return p, (p, axis)
 
 
 def softmax_backward(dout, cache):
     """dout -> dx = p * (dout - sum(dout * p)) along the softmax axis (Jacobian diag(p) - p p^T)."""
     p, axis = cache
-    dx = dout - (dout * p).sum(axis=axis, keepdims=True)
-    dx *= p
+    dx = get_array_module(dout).empty(dout.shape, dout.dtype)
+    _by_rows(_softmax_grad_rows, (dout, p, dx), axis)
     return dx
+
+
+def _softmax_grad_rows(dout, p, dx, axis):
+    xp = get_array_module(dout)
+    xp.multiply(dout, p, out=dx)
+    xp.subtract(dout, dx.sum(axis=axis, keepdims=True), out=dx)
+    dx *= p
+
+
+def _by_rows(fn, arrays, axis):
+    """A block of rows per CPU thread (parallel.rows), unless the softmax runs along the
+    leading axis itself, which the blocks would cut."""
+    if axis % arrays[0].ndim == 0:
+        fn(*arrays, axis)
+    else:
+        parallel.rows(fn, arrays, axis)
 
 
 def split_heads(x, num_heads):
@@ -66,11 +88,12 @@ def attention_forward(q, k, v, num_heads, scale=None, drop_mask=None):
             raise ValueError(f"attention: drop_mask must be {q.dtype} of shape {want}, "
                              f"got {drop_mask.dtype} {tuple(drop_mask.shape)}")
     qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
-    scores = qh @ kh.transpose(0, 1, 3, 2)                    # (N, h, Tq, Tk)
+    # each product is a stack of N*h small matrices: a block of images per CPU thread
+    scores = parallel.matmul(qh, kh.transpose(0, 1, 3, 2))    # (N, h, Tq, Tk)
     scores *= scale
     p, _ = softmax_forward(scores)                            # (N, h, Tq, Tk)
     pd = p if drop_mask is None else p * drop_mask            # dropped-out probabilities
-    out = merge_heads(pd @ vh)                                # (N, h, Tq, d) -> (N, Tq, C)
+    out = merge_heads(parallel.matmul(pd, vh))                # (N, h, Tq, d) -> (N, Tq, C)
     return out, (qh, kh, vh, p, scale, drop_mask)
 
 
@@ -80,12 +103,12 @@ def attention_backward(dout, cache):
     h = qh.shape[1]
     pd = p if drop_mask is None else p * drop_mask
     douth = split_heads(dout, h)                              # (N, h, Tq, d)
-    dv = pd.transpose(0, 1, 3, 2) @ douth                     # (N, h, Tk, d)
-    dp = douth @ vh.transpose(0, 1, 3, 2)                     # (N, h, Tq, Tk), w.r.t. pd
+    dv = parallel.matmul(pd.transpose(0, 1, 3, 2), douth)     # (N, h, Tk, d)
+    dp = parallel.matmul(douth, vh.transpose(0, 1, 3, 2))     # (N, h, Tq, Tk), w.r.t. pd
     if drop_mask is not None:
         dp = dp * drop_mask                                   # back through p * mask
     dscores = softmax_backward(dp, (p, -1))                   # (N, h, Tq, Tk)
     dscores *= scale
-    dq = dscores @ kh                                         # (N, h, Tq, d)
-    dk = dscores.transpose(0, 1, 3, 2) @ qh                   # (N, h, Tk, d)
+    dq = parallel.matmul(dscores, kh)                         # (N, h, Tq, d)
+    dk = parallel.matmul(dscores.transpose(0, 1, 3, 2), qh)   # (N, h, Tk, d)
     return merge_heads(dq), merge_heads(dk), merge_heads(dv)

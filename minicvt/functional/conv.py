@@ -6,6 +6,7 @@ kh, kw kernel size, sh, sw stride, ph, pw zero padding, OH, OW output height/wid
 Weights use PyTorch's layout: conv (F, C, kh, kw), depthwise (C, 1, kh, kw).
 Derivations: docs/conv.md.
 """
+from .. import backend, parallel
 from ..backend import get_array_module
 from ._checks import check_float, check_ndim, check_shape, pair
 
@@ -50,10 +51,14 @@ def im2col(x, kernel_size, stride=1, padding=0):
     N, C = x.shape[:2]
     xpad = _pad(x, ph, pw)                                  # (N, C, H+2ph, W+2pw)
     cols = xp.empty((N, OH, OW, C, kh, kw), dtype=x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            patch = xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]   # (N, C, OH, OW)
-            cols[:, :, :, :, i, j] = patch.transpose(0, 2, 3, 1)     # (N, OH, OW, C)
+
+    def block(xpad, cols):                                  # a block of images per CPU thread
+        for i in range(kh):
+            for j in range(kw):
+                patch = xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]   # (n, C, OH, OW)
+                cols[:, :, :, :, i, j] = patch.transpose(0, 2, 3, 1)     # (n, OH, OW, C)
+
+    parallel.rows(block, (xpad, cols))
     return cols.reshape(N * OH * OW, C * kh * kw)
 
 
@@ -70,9 +75,13 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
     check_shape("col2im", "cols", cols, (N * OH * OW, C * kh * kw))
     cols = cols.reshape(N, OH, OW, C, kh, kw)
     xpad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw] += cols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+
+    def block(cols, xpad):                                  # a block of images per CPU thread
+        for i in range(kh):
+            for j in range(kw):
+                xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw] += cols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+
+    parallel.rows(block, (cols, xpad))
     return xpad[:, :, ph:ph + H, pw:pw + W]
 
 
@@ -96,7 +105,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0):
     N = x.shape[0]
     _, _, _, (OH, OW) = _geometry(layer, x.shape, (kh, kw), stride, padding)
     cols = im2col(x, (kh, kw), stride, padding)             # (N*OH*OW, C*kh*kw)
-    out = cols @ w.reshape(F, -1).T                         # (N*OH*OW, F)
+    out = parallel.matmul(cols, w.reshape(F, -1).T)        # (N*OH*OW, F)
     if b is not None:
         out += b
     out = out.reshape(N, OH, OW, F).transpose(0, 3, 1, 2)  # (N, F, OH, OW)
@@ -109,9 +118,9 @@ def conv2d_backward(dout, cache):
     x_shape, cols, w, has_bias, stride, padding = cache
     F = w.shape[0]
     d2 = dout.transpose(0, 2, 3, 1).reshape(-1, F)          # (N*OH*OW, F)
-    dw = (d2.T @ cols).reshape(w.shape)                     # (F, C*kh*kw) -> (F, C, kh, kw)
-    db = d2.sum(axis=0) if has_bias else None
-    dcols = d2 @ w.reshape(F, -1)                           # (N*OH*OW, C*kh*kw)
+    dw = parallel.matmul_t(d2, cols).reshape(w.shape)      # (F, C*kh*kw) -> (F, C, kh, kw)
+    db = parallel.total(parallel.rows(lambda d: d.sum(axis=0), (d2,))) if has_bias else None
+    dcols = parallel.matmul(d2, w.reshape(F, -1))          # (N*OH*OW, C*kh*kw)
     dx = col2im(dcols, x_shape, w.shape[2:], stride, padding)
     return dx, dw, db
 
@@ -161,15 +170,15 @@ def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=Fa
     if b is not None:
         check_shape(layer, "b", b, (C,))
     xp = get_array_module(x)
+    N = x.shape[0]
     (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry(layer, nchw, w.shape[2:], stride, padding)
     xpad = _pad(x, ph, pw, channels_last)                   # H and W padded by ph, pw
     # one einsum sums window * filter per channel in a single pass, where a loop over the
     # kh*kw offsets would make two passes over the output for each (2 to 4x slower on the CPU)
     windows = _windows(xpad, (kh, kw), (sh, sw), (OH, OW), channels_last, window)
-    if channels_last:       # the filters as (kh, kw, C): channels innermost, as in the windows
-        out = xp.einsum("nhwcij,ijc->nhwc", windows, xp.ascontiguousarray(w[:, 0].transpose(1, 2, 0)))
-    else:
-        out = xp.einsum("nchwij,cij->nchw", windows, w[:, 0])
+    spec, filters = _window_product(w[:, 0], channels_last)
+    out = xp.empty((N, OH, OW, C) if channels_last else (N, C, OH, OW), x.dtype)
+    parallel.rows(_einsum_rows, (windows, out), spec, filters)    # a block of images per thread
     if b is not None:
         out += b.reshape(wshape)
     cache = (x.shape, xpad, w, b is not None, (sh, sw), (ph, pw), channels_last)
@@ -184,17 +193,49 @@ def depthwise_conv2d_backward(dout, cache):
     C, (N, _, H, W), window, wshape = _depthwise_layout(x_shape, channels_last)
     kh, kw = w.shape[2:]
     OH, OW = dout.shape[1:3] if channels_last else dout.shape[2:]
-    # dw[c, i, j] = sum over n and the output grid of dout * window[..., i, j]: one einsum over
-    # the forward's windows (a view again), without a product array of dout's size
-    windows = _windows(xpad, (kh, kw), (sh, sw), (OH, OW), channels_last, window)
-    spec = "nhwcij,nhwc->cij" if channels_last else "nchwij,nchw->cij"
-    dw = xp.einsum(spec, windows, dout)[:, None]            # (C, kh, kw) -> (C, 1, kh, kw)
-    # dx: the adjoint of "take the strided view of offset (i, j)" is "add into it"
-    dxpad = xp.zeros_like(xpad)
-    tmp = xp.empty_like(dout)
-    for i in range(kh):
-        for j in range(kw):
-            xp.multiply(dout, w[:, 0, i, j].reshape(wshape), out=tmp)
-            dxpad[window(slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))] += tmp
-    db = dout.sum(axis=(0, 1, 2) if channels_last else (0, 2, 3)) if has_bias else None
-    return dxpad[window(slice(ph, ph + H), slice(pw, pw + W))], dw, db
+    windows = _windows(xpad, (kh, kw), (sh, sw), (OH, OW), channels_last, window)   # as in the forward
+    # stride 1: dx is dout, zero-padded by k - 1 - p, correlated with the flipped filters: the
+    # forward's one einsum again. Other strides: add dout * w into every offset's strided view.
+    flipped = (sh, sw) == (1, 1) and ph < kh and pw < kw
+    if flipped:
+        spec_dx, filters = _window_product(w[:, 0, ::-1, ::-1], channels_last)
+        dx = xp.empty(x_shape, dout.dtype)
+    else:
+        dx = xp.zeros_like(xpad)                            # the padded dx, cropped at the end
+
+    def block(windows, dout, dx):           # a block of images: dx, and its share of dw and db
+        # dw[c, i, j] = sum over n and the output grid of dout * window[..., i, j]: one einsum
+        # over the forward's windows (a view again), without a product array of dout's size
+        dw = xp.einsum("nhwcij,nhwc->cij" if channels_last else "nchwij,nchw->cij", windows, dout)
+        if flipped:
+            dwindows = _windows(_pad(dout, kh - 1 - ph, kw - 1 - pw, channels_last), (kh, kw), (1, 1),
+                                (H, W), channels_last, window)
+            backend.einsum(spec_dx, dwindows, filters, out=dx)
+        else:           # the adjoint of "take the strided view of offset (i, j)" is "add into it"
+            tmp = xp.empty_like(dout)
+            for i in range(kh):
+                for j in range(kw):
+                    xp.multiply(dout, w[:, 0, i, j].reshape(wshape), out=tmp)
+                    dx[window(slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))] += tmp
+        db = dout.sum(axis=(0, 1, 2) if channels_last else (0, 2, 3)) if has_bias else None
+        return dw, db
+
+    dw, db = parallel.total(parallel.rows(block, (windows, dout, dx)))
+    if not flipped:
+        dx = dx[window(slice(ph, ph + H), slice(pw, pw + W))]
+    return dx, dw[:, None], db                              # dw (C, kh, kw) -> (C, 1, kh, kw)
+
+
+def _window_product(filters, channels_last):
+    """The einsum of "each window times its channel's filter, summed", and the filters
+    (C, kh, kw) in the layout it wants: channels last, (kh, kw, C), channels innermost as in
+    the windows."""
+    xp = get_array_module(filters)
+    if channels_last:
+        return "nhwcij,ijc->nhwc", xp.ascontiguousarray(filters.transpose(1, 2, 0))
+    return "nchwij,cij->nchw", filters
+
+
+def _einsum_rows(a, out, spec, b):
+    """A block of images: out = einsum(spec, a, b), a and out split along the batch."""
+    backend.einsum(spec, a, b, out=out)

@@ -4,6 +4,7 @@ Shapes: N batch, C channels, H, W map size; tokens (N, T, C) for LayerNorm (any 
 Both normalise xhat = (x - mean) / sqrt(var + eps) with the biased variance, then apply
 gamma * xhat + beta (PyTorch's weight and bias). Derivations: docs/norm.md.
 """
+from .. import parallel
 from ..backend import get_array_module
 from ._checks import check_float, check_ndim, check_shape
 
@@ -35,24 +36,36 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
             raise ValueError(f"batchnorm2d: {name} must have shape ({C},), got {tuple(a.shape)} "
                              f"(x has shape {tuple(x.shape)})")
     xp = get_array_module(x)
+    M = x.size // C
+    # the passes over x run a block of images per CPU thread (parallel.rows); the per-channel
+    # sums over the whole batch are added up from the blocks' shares between them
+    xhat = xp.empty(x.shape, x.dtype)
     if training:
-        M = x.size // C
         if M < 2:
             raise ValueError(f"batchnorm2d: training needs more than one value per channel, got "
                              f"input shape {tuple(x.shape)}")
-        mean = x.mean(axis=axes)                                    # (C,)
-        xhat = x - mean.reshape(shape)                              # x's shape, centred
-        var = xp.einsum(spec, xhat, xhat) / M                       # (C,) biased
+        mean = parallel.total(parallel.rows(lambda x: x.sum(axis=axes), (x,))) / M     # (C,)
+
+        def centre(x, xhat):                                        # xhat = x - mean, its sum of squares
+            xp.subtract(x, mean.reshape(shape), out=xhat)
+            return xp.einsum(spec, xhat, xhat)
+
+        var = parallel.total(parallel.rows(centre, (x, xhat))) / M                      # (C,) biased
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
         new_var = (1.0 - momentum) * running_var + momentum * var * (M / (M - 1))
     else:
         mean, var = running_mean, running_var
         new_mean, new_var = running_mean, running_var
-        xhat = x - mean.reshape(shape)
+        parallel.rows(lambda x, xhat: xp.subtract(x, mean.reshape(shape), out=xhat), (x, xhat))
     rstd = 1.0 / xp.sqrt(var + eps)                                 # (C,)
-    xhat *= rstd.reshape(shape)
-    out = xhat * gamma.reshape(shape)
-    out += beta.reshape(shape)
+    out = xp.empty(x.shape, x.dtype)
+
+    def scale(xhat, out):                                           # normalise, then gamma, beta
+        xhat *= rstd.reshape(shape)
+        xp.multiply(xhat, gamma.reshape(shape), out=out)
+        out += beta.reshape(shape)
+
+    parallel.rows(scale, (xhat, out))
     return out, (xhat, rstd, gamma, training, channels_last), (new_mean, new_var)
 
 
@@ -71,18 +84,25 @@ def batchnorm2d_backward(dout, cache):
     xhat, rstd, gamma, training, channels_last = cache
     axes, shape, spec = _bn_axes(dout.shape, channels_last)
     xp = get_array_module(dout)
-    dbeta = dout.sum(axis=axes)
-    dgamma = xp.einsum(spec, dout, xhat)
+    dgamma, dbeta = parallel.total(parallel.rows(            # a block of images per CPU thread
+        lambda dout, xhat: (xp.einsum(spec, dout, xhat), dout.sum(axis=axes)), (dout, xhat)))
     g = (gamma * rstd).reshape(shape)
+    dx = xp.empty(dout.shape, dout.dtype)
     if not training:
-        return dout * g, dgamma, dbeta
+        parallel.rows(lambda dout, dx: xp.multiply(dout, g, out=dx), (dout, dx))
+        return dx, dgamma, dbeta
     M = dout.size // dbeta.shape[0]
     # dx = gamma*rstd * (dout - mean(dout) - xhat * mean(dout * xhat)), means over (N, H, W);
     # the two subtracted terms are the paths through the batch mean and variance.
-    dx = xhat * (-dgamma / M).reshape(shape)
-    dx += dout
-    dx -= (dbeta / M).reshape(shape)
-    dx *= g
+    dgamma_m, dbeta_m = (-dgamma / M).reshape(shape), (dbeta / M).reshape(shape)
+
+    def grad(dout, xhat, dx):
+        xp.multiply(xhat, dgamma_m, out=dx)
+        dx += dout
+        dx -= dbeta_m
+        dx *= g
+
+    parallel.rows(grad, (dout, xhat, dx))
     return dx, dgamma, dbeta
 
 
@@ -100,32 +120,54 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
         raise ValueError(f"layernorm: x must have shape (..., {C}), got {tuple(x.shape)}")
     check_shape(layer, "beta", beta, (C,))
     xp = get_array_module(x)
-    # two new arrays of x's size (xhat, out): the token arrays are large. The sum of squares
-    # is an einsum, which multiplies and adds in one pass with no product array
-    xhat = x - x.mean(axis=-1, keepdims=True)                       # (..., C), centred
-    var = xp.einsum("...c,...c->...", xhat, xhat)[..., None] / C    # (..., 1) biased
-    rstd = 1.0 / xp.sqrt(var + eps)
-    xhat *= rstd
-    out = xhat * gamma
-    out += beta
+    # two new arrays of x's size (xhat, out), made once: the token arrays are large
+    xhat, out = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)
+    rstd = xp.empty(x.shape[:-1] + (1,), x.dtype)
+    rows = (x.reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1), out.reshape(-1, C))  # (M, C), M tokens
+    parallel.rows(_layernorm_rows, rows, gamma, beta, eps)
     return out, (xhat, rstd, gamma)
+
+
+def _layernorm_rows(x, xhat, rstd, out, gamma, beta, eps):
+    """A block of rows (M, C) of the forward, into xhat, rstd (M, 1) and out."""
+    xp = get_array_module(x)
+    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)            # centred
+    # the sum of squares is an einsum, which multiplies and adds in one pass with no product array
+    rstd[:, 0] = xp.einsum("mc,mc->m", xhat, xhat)
+    rstd /= x.shape[-1]                                                 # biased variance
+    rstd += eps
+    xp.sqrt(rstd, out=rstd)
+    xp.reciprocal(rstd, out=rstd)
+    xhat *= rstd
+    xp.multiply(xhat, gamma, out=out)
+    out += beta
 
 
 def layernorm_backward(dout, cache):
     """dout (..., C) -> dx (..., C), dgamma (C,), dbeta (C,)."""
     xhat, rstd, gamma = cache
     C = gamma.shape[0]
-    lead = tuple(range(dout.ndim - 1))
     xp = get_array_module(dout)
-    # sums of products as einsum: one pass, no product array (rows m = every leading index)
-    dgamma = xp.einsum("mc,mc->c", dout.reshape(-1, C), xhat.reshape(-1, C))
-    dbeta = dout.sum(axis=lead)
-    dxhat = dout * gamma                                            # (..., C)
+    dx = xp.empty(dout.shape, dout.dtype)
+    rows = (dout.reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1), dx.reshape(-1, C))
+    dgamma, dbeta = parallel.total(parallel.rows(_layernorm_grad_rows, rows, gamma))
+    return dx, dgamma, dbeta
+
+
+def _layernorm_grad_rows(dout, xhat, rstd, dx, gamma):
+    """A block of rows (M, C) of the backward: dx into `dx`; returns this block's share of
+    dgamma and dbeta (sums over its rows)."""
+    xp = get_array_module(dout)
+    C = gamma.shape[0]
+    # sums of products as einsum: one pass, no product array
+    dgamma = xp.einsum("mc,mc->c", dout, xhat)
+    dbeta = dout.sum(axis=0)
+    dxhat = dout * gamma                                            # (M, C)
     # same form as BatchNorm's, with means over the channel axis of each token:
     # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), built in place
-    proj = xp.einsum("...c,...c->...", dxhat, xhat)[..., None] / C  # (..., 1)
-    dx = xhat * -proj
+    proj = xp.einsum("mc,mc->m", dxhat, xhat)[:, None] / C         # (M, 1)
+    xp.multiply(xhat, -proj, out=dx)
     dx += dxhat
     dx -= dxhat.mean(axis=-1, keepdims=True)
     dx *= rstd
-    return dx, dgamma, dbeta
+    return dgamma, dbeta

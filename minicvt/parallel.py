@@ -1,0 +1,163 @@
+"""CPU threads for NumPy: one pool of threads that runs every large pass of the model.
+
+NumPy runs every elementwise operation and every reduction on a single core; only matrix
+products (BLAS) use them all. PyTorch's CPU kernels use every core for both, so on a 2-core
+machine an activation, a LayerNorm or a depthwise convolution takes NumPy about twice as long
+(docs/performance.md). NumPy releases Python's global lock inside its loops, so plain threads
+working on separate rows of the same arrays do run at the same time.
+
+    parallel.rows(fn, (a, b, out), c)   # fn(a[i:j], b[i:j], out[i:j], c), a block of rows per thread
+    parallel.matmul(x, w)               # x @ w, a block of x's rows (or of a stack's matrices) per thread
+    parallel.matmul_t(d, x)             # d.T @ x, the blocks' shares of the sum over rows added up
+
+Every layer that uses it keeps its math in a function over a block of rows and writes the
+results into output arrays allocated once outside; rows whose results must be added up
+(a weight gradient over the batch) return their partial sums, which the caller adds (`total`).
+
+Matrix products are split the same way, with BLAS itself on one thread: OpenBLAS's own threads
+would otherwise keep spinning on the cores after each product, taking them from the passes
+that follow, and on small matrices (a stack of attention scores per image) waking them costs
+more than the product. So once the pool starts, this module sets NumPy's OpenBLAS to one
+thread (through threadpoolctl) for the rest of the process; `set_num_threads(1)` gives it back
+its own threads.
+
+It is one call on the whole arrays, in the calling thread, where threads cannot help: CuPy
+arrays (the GPU is parallel already), arrays under `min_elements`, one thread, or a call made
+from inside a block. The number of threads is the cores this process may use, or
+MINICVT_NUM_THREADS, or `set_num_threads(n)`. Results do not depend on the threads except for
+the order in which partial sums are added (the last bits of a float32 weight gradient).
+"""
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from . import backend
+
+# below this many elements handing a block to another thread (tens of microseconds) costs
+# more than the pass it saves
+MIN_ELEMENTS = 1 << 15
+
+_state = {"threads": None, "min_elements": MIN_ELEMENTS, "pool": None, "blas": None}
+_inside = threading.local()           # set in a worker's block: no nested hand-offs
+
+
+def _usable_cores():
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def num_threads():
+    """How many threads `rows` splits into (MINICVT_NUM_THREADS, else the usable cores)."""
+    if _state["threads"] is None:
+        value = os.environ.get("MINICVT_NUM_THREADS", "").strip()
+        try:
+            n = int(value) if value else _usable_cores()
+        except ValueError:
+            raise ValueError(f"MINICVT_NUM_THREADS must be a whole number, got {value!r}") from None
+        set_num_threads(n)
+    return _state["threads"]
+
+
+def set_num_threads(n):
+    """Use n threads from now on (1 turns the splitting off)."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of threads must be a whole number >= 1, got {n!r}")
+    if _state["pool"] is not None:
+        _state["pool"].shutdown(wait=True)
+    if _state["blas"] is not None:            # BLAS gets its own threads back
+        _state["blas"].restore_original_limits()
+    _state["threads"], _state["pool"], _state["blas"] = n, None, None
+
+
+@contextlib.contextmanager
+def settings(threads=None, min_elements=None):
+    """Temporarily change the thread count and the size below which nothing is split
+    (tests use min_elements=0 to send tiny arrays through the threaded path)."""
+    old = (num_threads(), _state["min_elements"])
+    try:
+        if threads is not None:
+            set_num_threads(threads)
+        if min_elements is not None:
+            _state["min_elements"] = min_elements
+        yield
+    finally:
+        if old[0] != _state["threads"]:
+            set_num_threads(old[0])
+        _state["min_elements"] = old[1]
+
+
+def _pool():
+    if _state["pool"] is None:     # the calling thread takes the first block itself
+        from threadpoolctl import ThreadpoolController
+        _state["blas"] = ThreadpoolController().select(internal_api="openblas").limit(limits=1)
+        _state["pool"] = ThreadPoolExecutor(max_workers=num_threads() - 1,
+                                            thread_name_prefix="minicvt")
+    return _state["pool"]
+
+
+def _run(fn, block):
+    _inside.active = True
+    try:
+        return fn(*block)
+    finally:
+        _inside.active = False
+
+
+def rows(fn, arrays, *shared):
+    """Call fn(*blocks, *shared) on consecutive blocks of rows (the leading axis) of `arrays`,
+    one block per thread, and return fn's results in row order (a list). The arrays share
+    the leading length (None passes through as None); `shared` goes to every call whole.
+    The blocks are views, so fn writes into the output arrays it is given; when it returns
+    partial sums, the caller adds them up (`total`)."""
+    first = arrays[0]
+    n = first.shape[0] if first.ndim else 1
+    k = min(num_threads(), n)
+    if (k < 2 or first.size < _state["min_elements"] or backend.is_cupy_array(first)
+            or getattr(_inside, "active", False)):
+        return [fn(*arrays, *shared)]
+    bounds = [n * i // k for i in range(k + 1)]
+    blocks = [[None if a is None else a[lo:hi] for a in arrays] + list(shared)
+              for lo, hi in zip(bounds, bounds[1:])]
+    futures = [_pool().submit(_run, fn, block) for block in blocks[1:]]
+    results = [_run(fn, blocks[0])]
+    return results + [f.result() for f in futures]
+
+
+def matmul(a, b):
+    """a @ b, a block of rows per thread: a (M, K) @ b (K, P) -> (M, P), the rows of a split;
+    or stacks of matrices a (n, ..., M, K) @ b (n, ..., K, P) -> (n, ..., M, P), the stack
+    split along its first axis. The result is a new C-ordered array of a's dtype."""
+    xp = backend.get_array_module(a, b)
+    out = xp.empty(a.shape[:-1] + b.shape[-1:], dtype=xp.result_type(a, b))
+    if b.ndim == 2:
+        rows(_matmul_into, (a, out), b)
+    elif a.shape[:-2] == b.shape[:-2]:
+        rows(lambda a, b, out: _matmul_into(a, out, b), (a, b, out))
+    else:
+        raise ValueError(f"parallel.matmul: stacks of matrices must have the same leading shape, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+    return out
+
+
+def _matmul_into(a, out, b):
+    backend.get_array_module(a).matmul(a, b, out=out)
+
+
+def matmul_t(a, b):
+    """a.T @ b for a (M, P), b (M, K) -> (P, K): a sum over the M rows, so each thread takes
+    a block of rows and their products are added up (a weight gradient over the batch)."""
+    return total(rows(lambda a, b: a.T @ b, (a, b)))
+
+
+def total(partials):
+    """Add up the partial results of `rows`: a list of arrays (or None), or of tuples of them."""
+    if partials[0] is None:
+        return None
+    if isinstance(partials[0], tuple):
+        return tuple(total(list(p)) for p in zip(*partials))
+    out = partials[0]
+    for p in partials[1:]:
+        out = out + p
+    return out
