@@ -201,7 +201,8 @@ class BackendRNG:
         self.seed(seed)
 
     def seed(self, seed):
-        self.backend = get_backend()
+        """Start the stream again from `seed`, on the backend active now."""
+        self.backend, self.initial_seed = get_backend(), seed
         self._gen = xp().random.default_rng(seed)
 
     def random(self, shape, dtype=np.float32):

@@ -234,8 +234,8 @@ def main(argv=None):
     from .train import DivergedError
     try:
         return args.func(args)
-    except (backend.BackendError, ValueError, FileNotFoundError, DataError, CheckpointError,
-            DivergedError) as e:
+    except (backend.BackendError, ValueError, OSError, DataError, CheckpointError,
+            DivergedError) as e:     # OSError: a file that cannot be read or written (permissions, full disk)
         # one line, even where a library's message has several (tarfile lists each method it tried)
         message = " ".join(line.strip() for line in str(e).strip().splitlines())
         print(f"minicvt {args.command}: error: {message}", file=sys.stderr)

@@ -137,6 +137,9 @@ class Trainer:
                                       dtype=self.dtype) if len(val_idx) else None
         self.mc = model_config or get_config(tc.model, num_classes=len(classes),
                                              image_size=int(images.shape[-1]))
+        if labels.min() < 0 or labels.max() >= self.mc.num_classes:     # once, on the host
+            raise ValueError(f"{tc.data}: labels range over [{labels.min()}, {labels.max()}] but the "
+                             f"model has {self.mc.num_classes} classes")
         self.model = build_model(self.mc, seed=tc.seed, dtype=self.dtype)
         self.optimizer = make_optimizer(tc, self.model)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)

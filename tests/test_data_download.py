@@ -306,6 +306,25 @@ def test_load_dataset_checks_an_archive_given_by_path(cifar_archive, no_unpickli
         load_dataset(cifar_archive[0] / ARCHIVE)
 
 
+def test_load_dataset_knows_a_renamed_official_archive_by_its_content(cifar_archive, tmp_path, monkeypatch):
+    folder, md5, expected = cifar_archive
+    renamed = tmp_path / "my-download.tar.gz"
+    renamed.write_bytes((folder / ARCHIVE).read_bytes())
+    monkeypatch.setattr(data, "load_cifar10_archive", functools.partial(load_cifar10_archive, md5=md5))
+    images, labels, classes = load_dataset(renamed)
+    assert classes == list(CLASSES)
+    np.testing.assert_array_equal(images, expected["train"][0])
+    np.testing.assert_array_equal(labels, expected["train"][1])
+
+
+def test_load_dataset_refuses_the_unpacked_official_archive(cifar_archive, tmp_path, no_unpickling):
+    with tarfile.open(cifar_archive[0] / ARCHIVE) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    for given in (tmp_path / "x", tmp_path / "x" / "cifar-10-batches-py"):
+        with pytest.raises(DataError, match=r"unpacked official archive; give the archive cifar-10-python\.tar\.gz"):
+            load_dataset(given)
+
+
 def test_load_dataset_missing_path_says_what_to_give(tmp_path):
     with pytest.raises(DataError, match=r"no such file or directory \(give 'cifar10'"):
         load_dataset(tmp_path / "nowhere")

@@ -210,3 +210,10 @@ def test_evaluate_matches_a_direct_forward_pass(folder, xp):
 def test_train_config_refuses_settings_that_make_no_sense(field, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{field: value})
+
+
+def test_labels_beyond_the_models_classes_are_refused_once_at_load(folder, tmp_path):
+    """The loss checks label ranges on the host only (on a GPU that would stall every step), so
+    the trainer checks them where it loads them: 3 classes of images, a 2-class model."""
+    with pytest.raises(ValueError, match=r"labels range over \[0, 2\] but the model has 2 classes"):
+        make_trainer(tiny_run(folder), tmp_path / "run", model_config=tiny_config(num_classes=2))

@@ -4,6 +4,7 @@
     images, labels, classes = load_dataset("path/to/cifar-10-python.tar.gz")
     images, labels, classes = load_dataset("path/to/train.tar.xz")  # ROOT/<class>/*.jpg
 """
+import tarfile
 from pathlib import Path
 
 from .cifar10 import CIFAR10_MD5, CIFAR10_URL, CLASSES, fetch_cifar10, load_cifar10_archive
@@ -15,7 +16,7 @@ from .pipeline import Loader, channel_stats, normalize, random_crop, random_hfli
 def load_dataset(data, split="train", cache_dir=None, progress=True):
     """(images (N, 3, H, W) uint8, labels (N,) int64, class names) from `data`:
     - 'cifar10': the official archive, downloaded into the cache (verified by MD5) if absent;
-    - a path ending in 'cifar-10-python.tar.gz': that official archive (verified by MD5);
+    - the official archive cifar-10-python.tar.gz, under any name (verified by MD5);
     - any other directory or .tar/.tar.gz/.tar.xz: an image folder ROOT/<class>/*.jpg|png.
     `split` ('train'/'test') applies to the official archive only. cache_dir: where downloads
     and decoded image folders go (default: $MINICVT_CACHE, else the user cache)."""
@@ -26,7 +27,29 @@ def load_dataset(data, split="train", cache_dir=None, progress=True):
         if not path.exists():
             raise DataError(f"--data {data}: no such file or directory (give 'cifar10', the official "
                             f"archive cifar-10-python.tar.gz, or an image folder or its tar)")
-    if path.name.endswith("cifar-10-python.tar.gz"):
+    if _is_official_archive(path):
         images, labels = load_cifar10_archive(path, split)
         return images, labels, list(CLASSES)
+    if path.is_dir() and ((path / "data_batch_1").exists() or (path / OFFICIAL_FOLDER).is_dir()):
+        # its files are pickles: only the archive's published MD5 makes them safe to read
+        raise DataError(f"--data {data}: this is the unpacked official archive; give the archive "
+                        f"cifar-10-python.tar.gz itself, whose MD5 is checked before anything in it is read")
     return load_image_folder(path, cache_dir=cache_dir)
+
+
+OFFICIAL_FOLDER = "cifar-10-batches-py"         # the one folder inside the official archive
+
+
+def _is_official_archive(path):
+    """The official archive by its name, or a renamed one by its first member: reading one tar
+    header says it apart from a .tar.gz of image folders without unpacking anything."""
+    if path.name.endswith("cifar-10-python.tar.gz"):
+        return True
+    if not (path.is_file() and path.name.endswith((".tar.gz", ".tgz"))):
+        return False
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            first = tar.next()
+    except (tarfile.TarError, OSError, EOFError):
+        return False                  # not a gzip tar: the image-folder loader says what is wrong
+    return first is not None and first.name.split("/")[0] == OFFICIAL_FOLDER

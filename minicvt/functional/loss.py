@@ -3,7 +3,7 @@
 Shapes: N batch, K classes. logits (N, K), labels (N,) integers in [0, K).
 Derivation: docs/loss.md.
 """
-from ..backend import get_array_module
+from ..backend import get_array_module, is_cupy_array
 from ._checks import check_float, check_ndim
 
 
@@ -24,7 +24,9 @@ def cross_entropy_forward(logits, labels, label_smoothing=0.0):
     if labels.shape != (N,) or labels.dtype.kind not in "iu":
         raise ValueError(f"cross_entropy: labels must be integers of shape ({N},), "
                          f"got {labels.dtype} {tuple(labels.shape)}")
-    if (int(labels.min()) < 0 or int(labels.max()) >= K):
+    # checked on the host only: on a GPU reading the range back would stall the queue of kernels
+    # every step, so the trainer checks the labels once where it loads them
+    if not is_cupy_array(labels) and (int(labels.min()) < 0 or int(labels.max()) >= K):
         raise ValueError(f"cross_entropy: labels must lie in [0, {K}), got range "
                          f"[{int(labels.min())}, {int(labels.max())}]")
     if not 0.0 <= label_smoothing <= 1.0:

@@ -163,6 +163,9 @@ class Module:
                 p.grad = backend.get_array_module(p.data).zeros_like(p.data)
             for name, b in m._buffers.items():
                 m._buffers[name] = move(b)
+            rng = m.__dict__.get("rng")
+            if backend_name is not None and isinstance(rng, backend.BackendRNG):
+                rng.seed(rng.initial_seed)      # dropout masks are drawn where the data lives
             m._cache = None
         return self
 
