@@ -9,6 +9,7 @@ working on separate rows of the same arrays do run at the same time.
     parallel.rows(fn, (a, b, out), c)   # fn(a[i:j], b[i:j], out[i:j], c), a block of rows per thread
     parallel.matmul(x, w)               # x @ w, a block of x's rows (or of a stack's matrices) per thread
     parallel.matmul_t(d, x)             # d.T @ x, the blocks' shares of the sum over rows added up
+    parallel.add(a, b)                  # a + b, a block of rows per thread
 
 Every layer that uses it keeps its math in a function over a block of rows and writes the
 results into output arrays allocated once outside; rows whose results must be added up
@@ -149,6 +150,25 @@ def matmul_t(a, b):
     """a.T @ b for a (M, P), b (M, K) -> (P, K): a sum over the M rows, so each thread takes
     a block of rows and their products are added up (a weight gradient over the batch)."""
     return total(rows(lambda a, b: a.T @ b, (a, b)))
+
+
+def add(*arrays):
+    """a + b (+ c ...) for arrays of one shape, as a new array, a block of rows per thread:
+    residual connections, and the gradient of a tensor that feeds several layers."""
+    first = arrays[0]
+    if len(arrays) < 2 or any(a.shape != first.shape for a in arrays):
+        raise ValueError(f"parallel.add: needs two or more arrays of one shape, got "
+                         f"{[tuple(a.shape) for a in arrays]}")
+    xp = backend.get_array_module(*arrays)
+    out = xp.empty(first.shape, xp.result_type(*arrays))
+
+    def block(out, a, b, *more):
+        xp.add(a, b, out=out)
+        for c in more:
+            out += c
+
+    rows(block, (out,) + arrays)
+    return out
 
 
 def total(partials):

@@ -29,13 +29,38 @@ def _geometry(layer, x_shape, kernel_size, stride, padding):
 
 
 def _pad(x, ph, pw, channels_last=False):
-    """Zeros around H and W: axes 2, 3 of (N, C, H, W), or axes 1, 2 of (N, H, W, C)."""
-    xp = get_array_module(x)
+    """Zeros around H and W: axes 2, 3 of (N, C, H, W), or axes 1, 2 of (N, H, W, C). Written
+    as one pass, a block of images per CPU thread: the border set to 0, the inside copied
+    (NumPy's general `pad` took several times as long on these maps)."""
     if ph == 0 and pw == 0:
         return x
-    if channels_last:
-        return xp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    return xp.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    xp = get_array_module(x)
+    hw = (1, 2) if channels_last else (2, 3)
+    H, W = x.shape[hw[0]], x.shape[hw[1]]
+    shape = list(x.shape)
+    shape[hw[0]], shape[hw[1]] = H + 2 * ph, W + 2 * pw
+    out = xp.empty(tuple(shape), x.dtype)
+    at = _region(hw, x.ndim)
+    rows, every = slice(ph, ph + H), slice(None)
+
+    def block(x, out):
+        out[at(slice(0, ph), every)] = 0                    # top and bottom rows
+        out[at(slice(ph + H, None), every)] = 0
+        out[at(rows, slice(0, pw))] = 0                     # left and right columns
+        out[at(rows, slice(pw + W, None))] = 0
+        out[at(rows, slice(pw, pw + W))] = x
+
+    parallel.rows(block, (x, out))
+    return out
+
+
+def _region(hw, ndim):
+    """at(rows, cols) -> the index of that region of the map axes hw, every other axis whole."""
+    def at(rows, cols):
+        index = [slice(None)] * ndim
+        index[hw[0]], index[hw[1]] = rows, cols
+        return tuple(index)
+    return at
 
 
 def im2col(x, kernel_size, stride=1, padding=0):
@@ -74,9 +99,10 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
     N, C, H, W = x_shape
     check_shape("col2im", "cols", cols, (N * OH * OW, C * kh * kw))
     cols = cols.reshape(N, OH, OW, C, kh, kw)
-    xpad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
+    xpad = xp.empty((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
 
     def block(cols, xpad):                                  # a block of images per CPU thread
+        xpad[...] = 0
         for i in range(kh):
             for j in range(kw):
                 xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw] += cols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
@@ -132,8 +158,8 @@ def _depthwise_layout(x_shape, channels_last):
     slices of a kernel offset into an index of the layout, and the weight broadcast shape."""
     if channels_last:
         N, H, W, C = x_shape
-        return C, (N, C, H, W), lambda rows, cols: (slice(None), rows, cols, slice(None)), (C,)
-    return x_shape[1], x_shape, lambda rows, cols: (slice(None), slice(None), rows, cols), (x_shape[1], 1, 1)
+        return C, (N, C, H, W), _region((1, 2), 4), (C,)
+    return x_shape[1], x_shape, _region((2, 3), 4), (x_shape[1], 1, 1)
 
 
 def _windows(xpad, kernel, stride, out_hw, channels_last, window):
@@ -201,7 +227,7 @@ def depthwise_conv2d_backward(dout, cache):
         spec_dx, filters = _window_product(w[:, 0, ::-1, ::-1], channels_last)
         dx = xp.empty(x_shape, dout.dtype)
     else:
-        dx = xp.zeros_like(xpad)                            # the padded dx, cropped at the end
+        dx = xp.empty_like(xpad)                            # the padded dx, cropped at the end
 
     def block(windows, dout, dx):           # a block of images: dx, and its share of dw and db
         # dw[c, i, j] = sum over n and the output grid of dout * window[..., i, j]: one einsum
@@ -212,6 +238,7 @@ def depthwise_conv2d_backward(dout, cache):
                                 (H, W), channels_last, window)
             backend.einsum(spec_dx, dwindows, filters, out=dx)
         else:           # the adjoint of "take the strided view of offset (i, j)" is "add into it"
+            dx[...] = 0
             tmp = xp.empty_like(dout)
             for i in range(kh):
                 for j in range(kw):

@@ -16,7 +16,7 @@ projections (keys/values squeezed by stride 2 have about 4x fewer), h heads, d =
 import numpy as np
 
 from .. import functional as F
-from .. import nn
+from .. import nn, parallel
 from .tokens import cat_cls, grid_to_tokens, map_to_tokens, split_cls, tokens_to_grid, tokens_to_map
 
 
@@ -60,6 +60,11 @@ class AvgProjection(nn.Module):
         """dout (N, H'W', C) -> dx (N, H, W, C)."""
         OH, OW = self._take()
         return self.avg.backward(tokens_to_map(dout, OH, OW)).transpose(0, 2, 3, 1)
+
+
+def _sum(arrays):
+    """The sum of a list of equally shaped gradients (a block of rows per CPU thread)."""
+    return arrays[0] if len(arrays) == 1 else parallel.add(*arrays)
 
 
 def _build_projection(dim, kernel_size, padding, stride, method, dtype, rng):
@@ -136,9 +141,9 @@ class Attention(nn.Module):
                 dtokens.append(g)                           # passed through: (N, T, C)
             else:
                 dgrid.append(p.backward(g))                 # (N, H, W, C)
-        if dgrid:
-            dtokens.append(grid_to_tokens(sum(dgrid[1:], dgrid[0])))   # (N, H, W, C) -> (N, T, C)
-        dx = sum(dtokens[1:], dtokens[0])
+        if dgrid:                                           # (N, H, W, C) -> (N, T, C)
+            dtokens.append(grid_to_tokens(_sum(dgrid)))
+        dx = _sum(dtokens)
         return dx if dcls is None else cat_cls(dcls, dx)
 
     # -- the whole layer ------------------------------------------------------------------------------
