@@ -126,30 +126,39 @@ def rows(fn, arrays, *shared):
     return results + [f.result() for f in futures]
 
 
-def matmul(a, b):
-    """a @ b, a block of rows per thread: a (M, K) @ b (K, P) -> (M, P), the rows of a split;
-    or stacks of matrices a (n, ..., M, K) @ b (n, ..., K, P) -> (n, ..., M, P), the stack
-    split along its first axis. The result is a new C-ordered array of a's dtype."""
+def matmul(a, b, bias=None):
+    """a @ b (+ bias), a block of rows per thread: a (M, K) @ b (K, P) -> (M, P), the rows of
+    a split, each block adding the bias (P,) while it is still in the cache; or stacks of
+    matrices a (n, ..., M, K) @ b (n, ..., K, P) -> (n, ..., M, P), the stack split along its
+    first axis. The result is a new C-ordered array of a's dtype."""
     xp = backend.get_array_module(a, b)
     out = xp.empty(a.shape[:-1] + b.shape[-1:], dtype=xp.result_type(a, b))
     if b.ndim == 2:
-        rows(_matmul_into, (a, out), b)
-    elif a.shape[:-2] == b.shape[:-2]:
+        rows(_matmul_into, (a, out), b, bias)
+    elif a.shape[:-2] == b.shape[:-2] and bias is None:
         rows(lambda a, b, out: _matmul_into(a, out, b), (a, b, out))
     else:
-        raise ValueError(f"parallel.matmul: stacks of matrices must have the same leading shape, "
-                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"parallel.matmul: stacks of matrices must have the same leading shape "
+                         f"(and no bias), got {tuple(a.shape)} and {tuple(b.shape)}")
     return out
 
 
-def _matmul_into(a, out, b):
+def _matmul_into(a, out, b, bias=None):
     backend.get_array_module(a).matmul(a, b, out=out)
+    if bias is not None:
+        out += bias
 
 
 def matmul_t(a, b):
     """a.T @ b for a (M, P), b (M, K) -> (P, K): a sum over the M rows, so each thread takes
     a block of rows and their products are added up (a weight gradient over the batch)."""
     return total(rows(lambda a, b: a.T @ b, (a, b)))
+
+
+def sum_rows(a):
+    """a.sum(axis=0): each thread sums a block of rows, and the blocks' sums are added (a bias
+    gradient over the batch)."""
+    return total(rows(lambda a: a.sum(axis=0), (a,)))
 
 
 def add(*arrays):

@@ -1,6 +1,8 @@
 """The channels-last layout (N, H, W, C) of depthwise convolution and BatchNorm2d, which the
-convolutional projection uses on the token grid: float64 gradient checks of every input and
-parameter, and agreement with the (N, C, H, W) layout through transposes, forward and backward.
+convolutional projection uses on the token grid, and of convolution by im2col, which the token
+embedding uses: float64 gradient checks of every input and parameter, the adjoint identity of
+im2col and col2im, and agreement with the (N, C, H, W) layout through transposes, forward and
+backward.
 """
 import numpy as np
 import pytest
@@ -95,3 +97,54 @@ def test_channels_last_modules(xp, rand):
         report = check_module(module, x)
         assert [r.name for r in report.results][:2] == ["input", "weight"]
         report.assert_ok(TOL)
+
+
+# -- convolution by im2col, channels last (the token embedding) ----------------------------------
+
+CONV_CONFIGS = [    # N, C, F, H, W, kernel, stride, padding
+    pytest.param(2, 3, 4, 5, 7, 3, 2, 1, id="k3-s2-p1-5x7"),      # CvT-CIFAR's embeddings
+    pytest.param(1, 2, 3, 9, 8, 7, 4, 2, id="k7-s4-p2-9x8"),      # CvT-13's first embedding
+    pytest.param(2, 2, 3, 6, 5, (3, 1), (1, 2), (0, 1), id="k3x1-s1x2-p0x1"),
+    pytest.param(2, 3, 2, 4, 4, 1, 1, 0, id="k1-s1-p0"),
+]
+
+
+@pytest.mark.parametrize("N, C, F_, H, W, kernel, stride, padding", CONV_CONFIGS)
+def test_conv2d_channels_last_gradients_and_equality(xp, rand, N, C, F_, H, W, kernel, stride, padding):
+    x, w, b = rand(N, C, H, W), rand(F_, C, *_kernel(kernel)), rand(F_)
+    check_function(lambda x, w, b: F.conv2d_forward(x, w, b, stride, padding, channels_last=True),
+                   F.conv2d_backward, {"x": _nhwc(x).copy(), "w": w, "b": b}).assert_ok(TOL)
+    out, cache = F.conv2d_forward(x, w, b, stride, padding)
+    out_l, cache_l = F.conv2d_forward(_nhwc(x), w, b, stride, padding, channels_last=True)
+    dout = rand(*out.shape)
+    grads = F.conv2d_backward(dout, cache)
+    grads_l = F.conv2d_backward(_nhwc(dout), cache_l)
+    pairs = [(_nhwc(out), out_l), (_nhwc(grads[0]), grads_l[0]), (grads[1], grads_l[1]),
+             (grads[2], grads_l[2])]
+    for a, b_ in pairs:                                    # the same sums in another order
+        np.testing.assert_allclose(backend.to_numpy(b_), backend.to_numpy(a), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("N, C, F_, H, W, kernel, stride, padding", CONV_CONFIGS)
+def test_im2col_channels_last_is_the_adjoint_of_col2im(xp, rand, N, C, F_, H, W, kernel, stride, padding):
+    """<im2col(x), c> == <x, col2im(c)>, and the rows hold each patch in (i, j, c) order."""
+    x = rand(N, H, W, C)
+    cols = F.im2col(x, kernel, stride, padding, channels_last=True)
+    c = rand(*cols.shape)
+    lhs = float((cols * c).sum())
+    rhs = float((x * F.col2im(c, x.shape, kernel, stride, padding, channels_last=True)).sum())
+    assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
+    kh, kw = _kernel(kernel)
+    nchw = F.im2col(x.transpose(0, 3, 1, 2), kernel, stride, padding)        # rows in (c, i, j) order
+    reordered = nchw.reshape(len(nchw), C, kh, kw).transpose(0, 2, 3, 1).reshape(len(nchw), -1)
+    np.testing.assert_array_equal(backend.to_numpy(cols), backend.to_numpy(reordered))
+
+
+def test_conv2d_channels_last_module(xp, rand):
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, dtype=np.float64, rng=backend.host_rng(0),
+                     channels_last=True)
+    x = rand(2, 5, 6, 3)                                    # (N, H, W, C)
+    assert conv(x).shape == (2, 3, 3, 4)                    # (N, OH, OW, F)
+    report = check_module(conv, x)
+    assert [r.name for r in report.results] == ["input", "weight", "bias"]
+    report.assert_ok(TOL)

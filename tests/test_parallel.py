@@ -139,6 +139,8 @@ def _layers(rand):
          {"q": rand(5, 6, 4), "k": rand(5, 2, 4), "v": rand(5, 2, 4)}),
         "conv2d": (lambda x, w, b: F.conv2d_forward(x, w, b, stride=2, padding=1), F.conv2d_backward,
          {"x": rand(5, 2, 5, 4), "w": rand(3, 2, 3, 3), "b": rand(3)}),
+        "conv2d_last": (lambda x, w, b: F.conv2d_forward(x, w, b, 2, 1, channels_last=True), F.conv2d_backward,
+         {"x": rand(5, 5, 4, 2), "w": rand(3, 2, 3, 3), "b": rand(3)}),
         "depthwise_s1": (lambda x, w, b: F.depthwise_conv2d_forward(x, w, b, 1, 1), F.depthwise_conv2d_backward,
          {"x": rand(5, 3, 5, 4), "w": rand(3, 1, 3, 3), "b": rand(3)}),
         "depthwise_s2_last": (lambda x, w, b: F.depthwise_conv2d_forward(x, w, b, 2, 1, channels_last=True),
@@ -159,7 +161,7 @@ def _run(forward, backward, inputs, dout_seed=7):
     return [out] + [g for g in (grads if isinstance(grads, tuple) else (grads,)) if g is not None]
 
 
-LAYERS = ["quick_gelu", "gelu", "gelu_tanh", "layernorm", "linear", "softmax", "attention", "conv2d",
+LAYERS = ["quick_gelu", "gelu", "gelu_tanh", "layernorm", "linear", "softmax", "attention", "conv2d", "conv2d_last",
           "depthwise_s1", "depthwise_s2_last", "depthwise_s1_last", "batchnorm_train", "batchnorm_eval_last"]
 
 

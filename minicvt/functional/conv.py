@@ -63,91 +63,140 @@ def _region(hw, ndim):
     return at
 
 
-def im2col(x, kernel_size, stride=1, padding=0):
+def im2col(x, kernel_size, stride=1, padding=0, channels_last=False):
     """Unfold every receptive field into a row.
 
     x (N, C, H, W) -> cols (N*OH*OW, C*kh*kw); row r = (n, oh, ow) holds the patch that
     output pixel sees, in (c, i, j) order, so a convolution is one matmul with w.reshape(F, -1).
+    channels_last: x (N, H, W, C) -> cols (N*OH*OW, kh*kw*C), in (i, j, c) order; each copy
+    then moves C contiguous values (about 3x faster than the transposing copies of NCHW).
     Written as a loop over the kh*kw kernel offsets with strided slices, which runs the same
     on NumPy and CuPy.
     """
     xp = get_array_module(x)
-    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry("im2col", x.shape, kernel_size, stride, padding)
-    N, C = x.shape[:2]
-    xpad = _pad(x, ph, pw)                                  # (N, C, H+2ph, W+2pw)
-    cols = xp.empty((N, OH, OW, C, kh, kw), dtype=x.dtype)
+    nchw = _nchw(x.shape, channels_last)
+    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry("im2col", nchw, kernel_size, stride, padding)
+    N, C = nchw[:2]
+    xpad = _pad(x, ph, pw, channels_last)                   # H and W padded by ph, pw
+    patch, column, cols_shape = _unfold(channels_last, (kh, kw), (sh, sw), (OH, OW))
+    cols = xp.empty((N, OH, OW) + cols_shape(C), dtype=x.dtype)
 
     def block(xpad, cols):                                  # a block of images per CPU thread
         for i in range(kh):
             for j in range(kw):
-                patch = xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]   # (n, C, OH, OW)
-                cols[:, :, :, :, i, j] = patch.transpose(0, 2, 3, 1)     # (n, OH, OW, C)
+                column(cols, i, j)[...] = patch(xpad, i, j)     # (n, OH, OW, C)
 
     parallel.rows(block, (xpad, cols))
     return cols.reshape(N * OH * OW, C * kh * kw)
 
 
-def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
+def col2im(cols, x_shape, kernel_size, stride=1, padding=0, channels_last=False):
     """The adjoint of im2col: fold rows back onto the image, adding where patches overlap.
 
-    cols (N*OH*OW, C*kh*kw) -> (N, C, H, W). Overlapping patches share input pixels, so each
-    pixel receives the sum of its contributions (`+=`); this is exactly what the gradient of
-    im2col needs, and <im2col(x), c> == <x, col2im(c)> holds for all x, c.
+    cols (N*OH*OW, C*kh*kw) -> (N, C, H, W), or (N, H, W, C) with channels_last (cols in im2col's
+    order for that layout). Overlapping patches share input pixels, so each pixel receives the
+    sum of its contributions (`+=`); this is exactly what the gradient of im2col needs, and
+    <im2col(x), c> == <x, col2im(c)> holds for all x, c.
     """
     xp = get_array_module(cols)
-    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry("col2im", x_shape, kernel_size, stride, padding)
-    N, C, H, W = x_shape
+    nchw = _nchw(x_shape, channels_last)
+    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry("col2im", nchw, kernel_size, stride, padding)
+    N, C, H, W = nchw
     check_shape("col2im", "cols", cols, (N * OH * OW, C * kh * kw))
-    cols = cols.reshape(N, OH, OW, C, kh, kw)
-    xpad = xp.empty((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
+    patch, column, cols_shape = _unfold(channels_last, (kh, kw), (sh, sw), (OH, OW))
+    cols = cols.reshape((N, OH, OW) + cols_shape(C))
+    hw = (1, 2) if channels_last else (2, 3)
+    padded = list(x_shape)
+    padded[hw[0]], padded[hw[1]] = H + 2 * ph, W + 2 * pw
+    xpad = xp.empty(tuple(padded), dtype=cols.dtype)
 
     def block(cols, xpad):                                  # a block of images per CPU thread
         xpad[...] = 0
         for i in range(kh):
             for j in range(kw):
-                xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw] += cols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+                view = patch(xpad, i, j)                    # (n, OH, OW, C), a view into xpad
+                view += column(cols, i, j)
 
     parallel.rows(block, (cols, xpad))
-    return xpad[:, :, ph:ph + H, pw:pw + W]
+    return xpad[_region(hw, 4)(slice(ph, ph + H), slice(pw, pw + W))]
 
 
-def conv2d_forward(x, w, b=None, stride=1, padding=0):
+def _nchw(x_shape, channels_last):
+    """x's shape as (N, C, H, W) whatever its layout (what `_geometry` reads)."""
+    if channels_last:
+        N, H, W, C = x_shape
+        return (N, C, H, W)
+    return tuple(x_shape)
+
+
+def _unfold(channels_last, kernel, stride, out_hw):
+    """The views im2col and col2im move data between, for kernel offset (i, j):
+    patch(xpad, i, j): what that offset sees of the padded map, (n, OH, OW, C);
+    column(cols, i, j): its columns of the unfolded rows, (n, OH, OW, C);
+    and cols_shape(C), the trailing axes of cols: (kh, kw, C) channels last, (C, kh, kw) NCHW."""
+    (kh, kw), (sh, sw), (OH, OW) = kernel, stride, out_hw
+    at = _region((1, 2) if channels_last else (2, 3), 4)
+
+    def patch(xpad, i, j):
+        view = xpad[at(slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))]
+        return view if channels_last else view.transpose(0, 2, 3, 1)     # (n, C, OH, OW) -> (n, OH, OW, C)
+
+    def column(cols, i, j):
+        return cols[:, :, :, i, j] if channels_last else cols[:, :, :, :, i, j]
+
+    def cols_shape(C):
+        return (kh, kw, C) if channels_last else (C, kh, kw)
+
+    return patch, column, cols_shape
+
+
+def _weight_matrix(w, channels_last):
+    """w (F, C, kh, kw) as the (F, C*kh*kw) matrix whose columns follow im2col's order."""
+    F = w.shape[0]
+    return w.transpose(0, 2, 3, 1).reshape(F, -1) if channels_last else w.reshape(F, -1)
+
+
+def conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=False):
     """2-D convolution (cross-correlation, as in PyTorch) by im2col and one matmul.
 
-    x (N, C, H, W), w (F, C, kh, kw), b (F,) or None -> out (N, F, OH, OW).
+    x (N, C, H, W), w (F, C, kh, kw), b (F,) or None -> out (N, F, OH, OW); with channels_last,
+    x (N, H, W, C) -> out (N, OH, OW, F), the layout of tokens (the token embedding uses it).
     cache: the unfolded input cols (N*OH*OW, C*kh*kw) (needed for dw; recomputing it would
     cost a second im2col) and w (needed for dx).
     """
     layer = "conv2d"
-    check_ndim(layer, "x", x, 4, "(N, C, H, W)")
+    check_ndim(layer, "x", x, 4, "(N, H, W, C)" if channels_last else "(N, C, H, W)")
     check_ndim(layer, "w", w, 4, "(F, C, kh, kw)")
     check_float(layer, ("x", x), ("w", w), ("b", b))
     F, C, kh, kw = w.shape
-    if x.shape[1] != C:
-        raise ValueError(f"conv2d: x of shape {tuple(x.shape)} has {x.shape[1]} channels but w of shape "
+    nchw = _nchw(x.shape, channels_last)
+    if nchw[1] != C:
+        raise ValueError(f"conv2d: x of shape {tuple(x.shape)} has {nchw[1]} channels but w of shape "
                          f"{tuple(w.shape)} expects {C}")
     if b is not None:
         check_shape(layer, "b", b, (F,))
     N = x.shape[0]
-    _, _, _, (OH, OW) = _geometry(layer, x.shape, (kh, kw), stride, padding)
-    cols = im2col(x, (kh, kw), stride, padding)             # (N*OH*OW, C*kh*kw)
-    out = parallel.matmul(cols, w.reshape(F, -1).T)        # (N*OH*OW, F)
-    if b is not None:
-        out += b
-    out = out.reshape(N, OH, OW, F).transpose(0, 3, 1, 2)  # (N, F, OH, OW)
-    cache = (x.shape, cols, w, b is not None, stride, padding)
+    _, _, _, (OH, OW) = _geometry(layer, nchw, (kh, kw), stride, padding)
+    cols = im2col(x, (kh, kw), stride, padding, channels_last)        # (N*OH*OW, C*kh*kw)
+    out = parallel.matmul(cols, _weight_matrix(w, channels_last).T, bias=b)   # (N*OH*OW, F)
+    out = out.reshape(N, OH, OW, F)
+    if not channels_last:
+        out = out.transpose(0, 3, 1, 2)                     # (N, F, OH, OW)
+    cache = (x.shape, cols, w, b is not None, stride, padding, channels_last)
     return out, cache
 
 
 def conv2d_backward(dout, cache):
-    """dout (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, kh, kw), db (F,) or None."""
-    x_shape, cols, w, has_bias, stride, padding = cache
-    F = w.shape[0]
-    d2 = dout.transpose(0, 2, 3, 1).reshape(-1, F)          # (N*OH*OW, F)
-    dw = parallel.matmul_t(d2, cols).reshape(w.shape)      # (F, C*kh*kw) -> (F, C, kh, kw)
-    db = parallel.total(parallel.rows(lambda d: d.sum(axis=0), (d2,))) if has_bias else None
-    dcols = parallel.matmul(d2, w.reshape(F, -1))          # (N*OH*OW, C*kh*kw)
-    dx = col2im(dcols, x_shape, w.shape[2:], stride, padding)
+    """dout (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, kh, kw), db (F,) or None; channels
+    last, dout (N, OH, OW, F) -> dx (N, H, W, C)."""
+    x_shape, cols, w, has_bias, stride, padding, channels_last = cache
+    F, C, kh, kw = w.shape
+    d2 = (dout if channels_last else dout.transpose(0, 2, 3, 1)).reshape(-1, F)   # (N*OH*OW, F)
+    dw = parallel.matmul_t(d2, cols)                        # (F, C*kh*kw) in im2col's order
+    dw = dw.reshape(F, kh, kw, C).transpose(0, 3, 1, 2).copy() if channels_last else dw.reshape(w.shape)
+    db = parallel.sum_rows(d2) if has_bias else None
+    dcols = parallel.matmul(d2, _weight_matrix(w, channels_last))    # (N*OH*OW, C*kh*kw)
+    dx = col2im(dcols, x_shape, (kh, kw), stride, padding, channels_last)
     return dx, dw, db
 
 

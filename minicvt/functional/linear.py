@@ -5,7 +5,6 @@ w (Cout, Cin) in PyTorch's layout, b (Cout,) or None -> out (..., Cout).
 Derivation: docs/linear.md.
 """
 from .. import parallel
-from ..backend import get_array_module
 from ._checks import check_float, check_ndim, check_shape
 
 
@@ -20,17 +19,9 @@ def linear_forward(x, w, b=None):
     if b is not None:
         check_shape("linear", "b", b, (Cout,))
     # one 2-D matmul over all leading axes (a 3-D `x @ w.T` runs as a batch of small products,
-    # about 3x slower on CPU BLAS); each CPU thread takes a block of rows, and adds the bias to
-    # its block while it is still in the cache
-    out = get_array_module(x).empty((x.size // Cin, Cout), x.dtype)                        # (M, Cout)
-    parallel.rows(_linear_rows, (x.reshape(-1, Cin), out), w, b)
+    # about 3x slower on CPU BLAS); each CPU thread takes a block of rows and adds the bias
+    out = parallel.matmul(x.reshape(-1, Cin), w.T, bias=b)          # (M, Cout)
     return out.reshape(*x.shape[:-1], Cout), (x, w, b is not None)
-
-
-def _linear_rows(x, out, w, b):
-    get_array_module(x).matmul(x, w.T, out=out)
-    if b is not None:
-        out += b
 
 
 def linear_backward(dout, cache):
@@ -41,6 +32,6 @@ def linear_backward(dout, cache):
     d2 = dout.reshape(-1, Cout)                     # (M, Cout)
     # sums over the M rows, a block of rows per CPU thread (parallel.py)
     dw = parallel.matmul_t(d2, x2)                  # (Cout, Cin)
-    db = parallel.total(parallel.rows(lambda d: d.sum(axis=0), (d2,))) if has_bias else None
+    db = parallel.sum_rows(d2) if has_bias else None
     dx = parallel.matmul(d2, w).reshape(x.shape)    # (..., Cin)
     return dx, dw, db

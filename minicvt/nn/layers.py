@@ -43,20 +43,22 @@ class _WeightBias(Module):
 
 
 class Conv2d(_WeightBias):
-    """x (N, C, H, W) -> (N, F, OH, OW); weight (F, C, kh, kw), bias (F,)."""
+    """x (N, C, H, W) -> (N, F, OH, OW), or (N, H, W, C) -> (N, OH, OW, F) with channels_last;
+    weight (F, C, kh, kw) as PyTorch's in both layouts, bias (F,)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True,
-                 dtype=np.float32, rng=None):
+                 dtype=np.float32, rng=None, channels_last=False):
         super().__init__()
         kh, kw = pair(kernel_size, "kernel_size")
-        self.stride, self.padding = stride, padding
+        self.stride, self.padding, self.channels_last = stride, padding, channels_last
         self.weight, b = _pytorch_default(rng, (out_channels, in_channels, kh, kw), in_channels * kh * kw,
                                           bias, dtype)
         if b is not None:
             self.bias = b
 
     def forward(self, x):
-        out, cache = F.conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding)
+        out, cache = F.conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding,
+                                      self.channels_last)
         self._save(cache)
         return out
 
