@@ -114,7 +114,10 @@ def test_no_grad_keeps_no_cache(xp, train):
     with pytest.raises(RuntimeError, match="without a forward"):
         model.backward(xp.ones_like(logits))
     if not train:
-        np.testing.assert_array_equal(backend.to_numpy(logits), backend.to_numpy(model.forward(x)))
+        # equal up to rounding: under no_grad the projections fold BatchNorm into their
+        # convolutions (tests/test_model_layers.py)
+        np.testing.assert_allclose(backend.to_numpy(logits), backend.to_numpy(model.forward(x)),
+                                   rtol=1e-12, atol=1e-14)
         assert any(m._cache is not None for _, m in model.named_modules())   # caches outside no_grad
 
 

@@ -126,3 +126,33 @@ def test_same_seed_same_weights_on_every_backend(xp):
     c = build_model("cvt-cifar-s", seed=4).state_dict()
     assert all(np.array_equal(backend.to_numpy(a[k]), backend.to_numpy(b[k])) for k in a)
     assert not np.array_equal(backend.to_numpy(a["head.weight"]), backend.to_numpy(c["head.weight"]))
+
+
+# -- inference: BatchNorm folded into the depthwise convolution --------------------------------
+def test_inference_folds_batchnorm_into_the_projection(xp):
+    """Under no_grad in eval mode the convolutional projection runs one depthwise convolution
+    with scaled filters and a bias instead of conv then BatchNorm: the same logits, float64,
+    with running statistics away from 0 and 1 so the fold has something to do."""
+    from cvt_tiny import tiny_config
+    model = build_model(tiny_config(), seed=0, dtype=np.float64)
+    rng = np.random.default_rng(5)
+    for _, m in model.named_modules():
+        if isinstance(m, nn.BatchNorm2d):
+            C = m.running_mean.shape[0]
+            m.running_mean = backend.to_device(rng.standard_normal(C))
+            m.running_var = backend.to_device(rng.uniform(0.3, 3.0, C))
+            m.weight.data = backend.to_device(rng.standard_normal(C))
+            m.bias.data = backend.to_device(rng.standard_normal(C))
+    model.eval()
+    x = backend.to_device(rng.standard_normal((3, 3, 16, 16)))
+    unfolded = backend.to_numpy(model.forward(x))            # gradients on: conv, then BatchNorm
+    calls = []
+    bn_forward = nn.BatchNorm2d.forward
+    nn.BatchNorm2d.forward = lambda self, x: calls.append(1) or bn_forward(self, x)
+    try:
+        with nn.no_grad():
+            folded = backend.to_numpy(model.forward(x))
+    finally:
+        nn.BatchNorm2d.forward = bn_forward
+    assert calls == []                                       # no BatchNorm pass was made
+    np.testing.assert_allclose(folded, unfolded, rtol=1e-12, atol=1e-12)

@@ -253,9 +253,7 @@ def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=Fa
     windows = _windows(xpad, (kh, kw), (sh, sw), (OH, OW), channels_last, window)
     spec, filters = _window_product(w[:, 0], channels_last)
     out = xp.empty((N, OH, OW, C) if channels_last else (N, C, OH, OW), x.dtype)
-    parallel.rows(_einsum_rows, (windows, out), spec, filters)    # a block of images per thread
-    if b is not None:
-        out += b.reshape(wshape)
+    parallel.rows(_einsum_rows, (windows, out), spec, filters, None if b is None else b.reshape(wshape))
     cache = (x.shape, xpad, w, b is not None, (sh, sw), (ph, pw), channels_last)
     return out, cache
 
@@ -312,6 +310,8 @@ def _window_product(filters, channels_last):
     return "nchwij,cij->nchw", filters
 
 
-def _einsum_rows(a, out, spec, b):
-    """A block of images: out = einsum(spec, a, b), a and out split along the batch."""
+def _einsum_rows(a, out, spec, b, bias=None):
+    """A block of images: out = einsum(spec, a, b) (+ bias), a and out split along the batch."""
     backend.einsum(spec, a, b, out=out)
+    if bias is not None:
+        out += bias

@@ -17,6 +17,7 @@ import numpy as np
 
 from .. import functional as F
 from .. import nn, parallel
+from ..backend import get_array_module
 from .tokens import cat_cls, grid_to_tokens, map_to_tokens, split_cls, tokens_to_grid, tokens_to_map
 
 
@@ -32,9 +33,23 @@ class ConvProjection(nn.Module):
         self.bn = nn.BatchNorm2d(dim, dtype=dtype, channels_last=True)
 
     def forward(self, x):
-        y = self.bn(self.conv(x))                           # (N, H', W', C)
+        if self.training or nn.grad_enabled():
+            y = self.bn(self.conv(x))                       # (N, H', W', C)
+        else:
+            y = self._folded(x)                             # inference: one pass instead of two
         self._save(y.shape[1:3])
         return grid_to_tokens(y)                            # (N, H'W', C)
+
+    def _folded(self, x):
+        """Eval-mode BatchNorm is a per-channel affine map: with g = gamma / sqrt(var + eps),
+        bn(conv(x)) = conv_{w * g}(x) + (beta - mean * g), a depthwise convolution with scaled
+        filters and a bias. Only under no_grad: no backward follows, so nothing is cached."""
+        conv, bn = self.conv, self.bn
+        g = bn.weight.data / get_array_module(x).sqrt(bn.running_var + bn.eps)     # (C,)
+        out, _ = F.depthwise_conv2d_forward(x, conv.weight.data * g[:, None, None, None],
+                                            bn.bias.data - bn.running_mean * g, conv.stride,
+                                            conv.padding, channels_last=True)
+        return out
 
     def backward(self, dout):
         """dout (N, H'W', C) -> dx (N, H, W, C)."""
