@@ -39,7 +39,12 @@ from . import backend
 # more than the pass it saves
 MIN_ELEMENTS = 1 << 15
 
-_state = {"threads": None, "min_elements": MIN_ELEMENTS, "pool": None, "blas": None}
+# pieces=True: each thread walks its block in pieces of about this many bytes of the first array,
+# well inside a core's L2 cache (2 MB here)
+PIECE_BYTES = 1 << 20
+
+_state = {"threads": None, "min_elements": MIN_ELEMENTS, "piece_bytes": PIECE_BYTES, "pool": None,
+          "blas": None}
 _inside = threading.local()           # set in a worker's block: no nested hand-offs
 
 
@@ -73,20 +78,23 @@ def set_num_threads(n):
 
 
 @contextlib.contextmanager
-def settings(threads=None, min_elements=None):
-    """Temporarily change the thread count and the size below which nothing is split
-    (tests use min_elements=0 to send tiny arrays through the threaded path)."""
-    old = (num_threads(), _state["min_elements"])
+def settings(threads=None, min_elements=None, piece_bytes=None):
+    """Temporarily change the thread count, the size below which nothing is split, and the
+    size of the pieces (tests use min_elements=0 and tiny pieces to send tiny arrays through
+    every path)."""
+    old = (num_threads(), _state["min_elements"], _state["piece_bytes"])
     try:
         if threads is not None:
             set_num_threads(threads)
         if min_elements is not None:
             _state["min_elements"] = min_elements
+        if piece_bytes is not None:
+            _state["piece_bytes"] = piece_bytes
         yield
     finally:
         if old[0] != _state["threads"]:
             set_num_threads(old[0])
-        _state["min_elements"] = old[1]
+        _state["min_elements"], _state["piece_bytes"] = old[1], old[2]
 
 
 def _pool():
@@ -98,32 +106,42 @@ def _pool():
     return _state["pool"]
 
 
-def _run(fn, block):
+def _run(fn, pieces):
+    """One thread's share: fn on each of its pieces in turn (no nested hand-offs inside)."""
     _inside.active = True
     try:
-        return fn(*block)
+        return [fn(*piece) for piece in pieces]
     finally:
         _inside.active = False
 
 
-def rows(fn, arrays, *shared):
+def rows(fn, arrays, *shared, pieces=False):
     """Call fn(*blocks, *shared) on consecutive blocks of rows (the leading axis) of `arrays`,
     one block per thread, and return fn's results in row order (a list). The arrays share
     the leading length (None passes through as None); `shared` goes to every call whole.
     The blocks are views, so fn writes into the output arrays it is given; when it returns
-    partial sums, the caller adds them up (`total`)."""
+    partial sums, the caller adds them up (`total`).
+
+    pieces: each thread walks its block in pieces of about PIECE_BYTES of the first array, one
+    call each. For a function that makes several passes over its block (an activation, a
+    norm) a piece that fits in the core's cache is read from memory once instead of once a
+    pass (QuickGELU in the model: 32 -> 25 ms a forward)."""
     first = arrays[0]
     n = first.shape[0] if first.ndim else 1
-    k = min(num_threads(), n)
-    if (k < 2 or first.size < _state["min_elements"] or backend.is_cupy_array(first)
-            or getattr(_inside, "active", False)):
+    if n == 0 or backend.is_cupy_array(first) or getattr(_inside, "active", False):
         return [fn(*arrays, *shared)]
+    k = min(num_threads(), n) if first.size >= _state["min_elements"] else 1
+    step = max(1, int(_state["piece_bytes"] * n // max(first.nbytes, 1))) if pieces else n
     bounds = [n * i // k for i in range(k + 1)]
-    blocks = [[None if a is None else a[lo:hi] for a in arrays] + list(shared)
-              for lo, hi in zip(bounds, bounds[1:])]
-    futures = [_pool().submit(_run, fn, block) for block in blocks[1:]]
-    results = [_run(fn, blocks[0])]
-    return results + [f.result() for f in futures]
+    shares = [[[None if a is None else a[p:min(p + step, hi)] for a in arrays] + list(shared)
+               for p in range(lo, hi, step)] for lo, hi in zip(bounds, bounds[1:])]
+    if k == 1 and len(shares[0]) == 1:
+        return [fn(*arrays, *shared)]
+    futures = [_pool().submit(_run, fn, share) for share in shares[1:]]
+    results = _run(fn, shares[0])
+    for f in futures:
+        results += f.result()
+    return results
 
 
 def matmul(a, b, bias=None):

@@ -30,6 +30,9 @@ def threaded():
         yield
 
 
+TINY_PIECES = dict(threads=3, min_elements=0, piece_bytes=1)   # every piece one row
+
+
 # -- the pool itself ----------------------------------------------------------------------------
 
 def test_rows_covers_every_row_once_in_order(threaded):
@@ -38,6 +41,18 @@ def test_rows_covers_every_row_once_in_order(threaded):
     seen = parallel.rows(lambda x, out, k: (np.multiply(x, k, out=out), x[:, 0].tolist())[1], (x, out), 3.0)
     assert seen == [[0.0], [2.0, 4.0], [6.0, 8.0]]          # blocks of 1, 2, 2 rows, in row order
     np.testing.assert_array_equal(out, 3.0 * x)
+
+
+def test_pieces_cover_every_row_once_in_order():
+    x = np.arange(7.0).reshape(7, 1)
+    with parallel.settings(**TINY_PIECES):
+        seen = parallel.rows(lambda x: x[:, 0].tolist(), (x,), pieces=True)
+    assert seen == [[0.0], [1.0], [2.0], [3.0], [4.0], [5.0], [6.0]]
+    with parallel.settings(threads=2, min_elements=0, piece_bytes=16):    # 2 rows of 8 bytes a piece
+        seen = parallel.rows(lambda x: x[:, 0].tolist(), (x,), pieces=True)
+    assert seen == [[0.0, 1.0], [2.0], [3.0, 4.0], [5.0, 6.0]]             # blocks of 3 and 4 rows
+    with parallel.settings(threads=1, piece_bytes=16):                     # one thread: pieces still
+        assert len(parallel.rows(lambda x: None, (np.zeros((6, 1)),), pieces=True)) == 3
 
 
 def test_rows_passes_none_and_runs_small_or_nested_calls_whole():
@@ -170,13 +185,14 @@ def test_threaded_layer_equals_one_thread_and_passes_gradcheck(rand, name):
     forward, backward, inputs = _layers(rand)[name]
     with parallel.settings(threads=1):
         serial = _run(forward, backward, inputs)
-    with parallel.settings(threads=3, min_elements=0):
-        threaded = _run(forward, backward, inputs)
-        report = check_function(forward, backward, inputs)
-    assert len(serial) == len(threaded)
-    for s, t in zip(serial, threaded):
-        np.testing.assert_allclose(t, s, **SAME, err_msg=name)
-    report.assert_ok(TOL)
+    for setting in (dict(threads=3, min_elements=0), TINY_PIECES):
+        with parallel.settings(**setting):
+            threaded = _run(forward, backward, inputs)
+            report = check_function(forward, backward, inputs)
+        assert len(serial) == len(threaded)
+        for s, t in zip(serial, threaded):
+            np.testing.assert_allclose(t, s, **SAME, err_msg=f"{name} {setting}")
+        report.assert_ok(TOL)
 
 
 def test_layer_list_is_complete(rand):
@@ -193,7 +209,7 @@ def test_whole_model_threaded_equals_one_thread():
         return logits, {n: p.grad.copy() for n, p in model.named_parameters()}
     with parallel.settings(threads=1):
         logits1, grads1 = step()
-    with parallel.settings(threads=3, min_elements=0):
+    with parallel.settings(**TINY_PIECES):
         logits3, grads3 = step()
     np.testing.assert_allclose(logits3, logits1, **SAME)
     assert grads1.keys() == grads3.keys()

@@ -31,7 +31,7 @@ def gelu_forward(x, approximate="none"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     xp = get_array_module(x)
     cdf, out = xp.empty_like(x), xp.empty_like(x)
-    parallel.rows(_gelu_rows, (x, cdf, out), approximate)
+    parallel.rows(_gelu_rows, (x, cdf, out), approximate, pieces=True)
     return out, (approximate, x, cdf)
 
 
@@ -55,7 +55,7 @@ def gelu_backward(dout, cache):
     """dout -> dx. exact: d/dx x Phi(x) = Phi(x) + x phi(x), phi the normal density."""
     kind, x, a = cache
     dx = get_array_module(x).empty_like(dout)
-    parallel.rows(_gelu_grad_rows, (dout, x, a, dx), kind)
+    parallel.rows(_gelu_grad_rows, (dout, x, a, dx), kind, pieces=True)
     return dx
 
 
@@ -102,7 +102,7 @@ def quick_gelu_forward(x):
     cache: x and s = sigmoid(1.702 x)."""
     xp = get_array_module(x)
     s, out = xp.empty_like(x), xp.empty_like(x)
-    parallel.rows(_quick_gelu_rows, (x, s, out))
+    parallel.rows(_quick_gelu_rows, (x, s, out), pieces=True)
     return out, (x, s)
 
 
@@ -115,7 +115,7 @@ def quick_gelu_backward(dout, cache):
     """dout -> dx = dout * (s + 1.702 x s (1 - s))."""
     x, s = cache
     dx = get_array_module(x).empty_like(dout)
-    parallel.rows(_quick_gelu_grad_rows, (dout, x, s, dx))
+    parallel.rows(_quick_gelu_grad_rows, (dout, x, s, dx), pieces=True)
     return dx
 
 

@@ -45,7 +45,7 @@ def _by_rows(fn, arrays, axis):
     if axis % arrays[0].ndim == 0:
         fn(*arrays, axis)
     else:
-        parallel.rows(fn, arrays, axis)
+        parallel.rows(fn, arrays, axis, pieces=True)
 
 
 def split_heads(x, num_heads):

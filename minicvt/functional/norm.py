@@ -50,7 +50,7 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
             xp.subtract(x, mean.reshape(shape), out=xhat)
             return xp.einsum(spec, xhat, xhat)
 
-        var = parallel.total(parallel.rows(centre, (x, xhat))) / M                      # (C,) biased
+        var = parallel.total(parallel.rows(centre, (x, xhat), pieces=True)) / M                      # (C,) biased
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
         new_var = (1.0 - momentum) * running_var + momentum * var * (M / (M - 1))
     else:
@@ -65,7 +65,7 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
         xp.multiply(xhat, gamma.reshape(shape), out=out)
         out += beta.reshape(shape)
 
-    parallel.rows(scale, (xhat, out))
+    parallel.rows(scale, (xhat, out), pieces=True)
     return out, (xhat, rstd, gamma, training, channels_last), (new_mean, new_var)
 
 
@@ -102,7 +102,7 @@ def batchnorm2d_backward(dout, cache):
         dx -= dbeta_m
         dx *= g
 
-    parallel.rows(grad, (dout, xhat, dx))
+    parallel.rows(grad, (dout, xhat, dx), pieces=True)
     return dx, dgamma, dbeta
 
 
@@ -124,7 +124,7 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     xhat, out = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)
     rstd = xp.empty(x.shape[:-1] + (1,), x.dtype)
     rows = (x.reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1), out.reshape(-1, C))  # (M, C), M tokens
-    parallel.rows(_layernorm_rows, rows, gamma, beta, eps)
+    parallel.rows(_layernorm_rows, rows, gamma, beta, eps, pieces=True)
     return out, (xhat, rstd, gamma)
 
 
@@ -150,7 +150,7 @@ def layernorm_backward(dout, cache):
     xp = get_array_module(dout)
     dx = xp.empty(dout.shape, dout.dtype)
     rows = (dout.reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1), dx.reshape(-1, C))
-    dgamma, dbeta = parallel.total(parallel.rows(_layernorm_grad_rows, rows, gamma))
+    dgamma, dbeta = parallel.total(parallel.rows(_layernorm_grad_rows, rows, gamma, pieces=True))
     return dx, dgamma, dbeta
 
 
