@@ -96,6 +96,20 @@ def test_softmax_gradients(xp, rand, axis, offset):
     report.assert_ok(TOL)
 
 
+@pytest.mark.parametrize("axis", [-1, 0], ids=["last-axis", "axis0"])
+def test_softmax_with_scale(xp, rand, axis):
+    """softmax(scale * x), the scale applied inside (attention's): equal to scaling first, and
+    its gradient is the scaled one; a scale that is not positive is refused."""
+    x = rand(3, 4, 5, scale=2.0) + 50.0
+    p, _ = F.softmax_forward(x, axis, 0.3)
+    want, _ = F.softmax_forward(x * 0.3, axis)
+    np.testing.assert_allclose(backend.to_numpy(p), backend.to_numpy(want), rtol=1e-12, atol=1e-15)
+    check_function(lambda x: F.softmax_forward(x, axis, 0.3), F.softmax_backward, {"x": x}).assert_ok(TOL)
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="softmax: scale must be positive"):
+            F.softmax_forward(x, axis, bad)
+
+
 # -- attention ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("N, Tq, Tk, C, heads, scale", [

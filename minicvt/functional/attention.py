@@ -9,43 +9,52 @@ from ..backend import get_array_module
 from ._checks import check_float, check_ndim
 
 
-def softmax_forward(x, axis=-1):
-    """Numerically stable softmax: subtracting the max leaves the result unchanged and keeps
-    exp() from overflowing. x (any) -> p (same shape). cache: p (its own derivative needs only p)."""
+def softmax_forward(x, axis=-1, scale=1.0):
+    """Numerically stable softmax of scale * x: subtracting the max leaves the result unchanged
+    and keeps exp() from overflowing. x (any) -> p (same shape). The scale (a Python float
+    > 0; attention's 1/sqrt(d)) is applied inside the pass instead of as one more pass over
+    the scores. cache: p (its own derivative needs only p), the axis and the scale."""
+    if not scale > 0:
+        raise ValueError(f"softmax: scale must be positive, got {scale}")
     p = get_array_module(x).empty(x.shape, x.dtype)                 # the one new array
-    _by_rows(_softmax_rows, (x, p), axis)
-    return p, (p, axis)
+    _by_rows(_softmax_rows, (x, p), axis, float(scale))
+    return p, (p, axis, float(scale))
 
 
-def _softmax_rows(x, p, axis):
+def _softmax_rows(x, p, axis, scale):
     xp = get_array_module(x)
     xp.subtract(x, x.max(axis=axis, keepdims=True), out=p)          # then in place
+    if scale != 1.0:
+        p *= scale                      # max(scale * x) = scale * max(x), as scale > 0
     xp.exp(p, out=p)
     p /= p.sum(axis=axis, keepdims=True)
 
 
 def softmax_backward(dout, cache):
-    """dout -> dx = p * (dout - sum(dout * p)) along the softmax axis (Jacobian diag(p) - p p^T)."""
-    p, axis = cache
+    """dout -> dx = scale * p * (dout - sum(dout * p)) along the softmax axis (the Jacobian
+    diag(p) - p p^T, times the scale)."""
+    p, axis, scale = cache
     dx = get_array_module(dout).empty(dout.shape, dout.dtype)
-    _by_rows(_softmax_grad_rows, (dout, p, dx), axis)
+    _by_rows(_softmax_grad_rows, (dout, p, dx), axis, scale)
     return dx
 
 
-def _softmax_grad_rows(dout, p, dx, axis):
+def _softmax_grad_rows(dout, p, dx, axis, scale):
     xp = get_array_module(dout)
     xp.multiply(dout, p, out=dx)
     xp.subtract(dout, dx.sum(axis=axis, keepdims=True), out=dx)
     dx *= p
+    if scale != 1.0:
+        dx *= scale
 
 
-def _by_rows(fn, arrays, axis):
+def _by_rows(fn, arrays, axis, scale):
     """A block of rows per CPU thread (parallel.rows), unless the softmax runs along the
     leading axis itself, which the blocks would cut."""
     if axis % arrays[0].ndim == 0:
-        fn(*arrays, axis)
+        fn(*arrays, axis, scale)
     else:
-        parallel.rows(fn, arrays, axis, pieces=True)
+        parallel.rows(fn, arrays, axis, scale, pieces=True)
 
 
 def split_heads(x, num_heads):
@@ -89,9 +98,8 @@ def attention_forward(q, k, v, num_heads, scale=None, drop_mask=None):
                              f"got {drop_mask.dtype} {tuple(drop_mask.shape)}")
     qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
     # each product is a stack of N*h small matrices: a block of images per CPU thread
-    scores = parallel.matmul(qh, kh.transpose(0, 1, 3, 2))    # (N, h, Tq, Tk)
-    scores *= scale
-    p, _ = softmax_forward(scores)                            # (N, h, Tq, Tk)
+    scores = parallel.matmul(qh, kh.transpose(0, 1, 3, 2))    # (N, h, Tq, Tk), unscaled
+    p, _ = softmax_forward(scores, -1, scale)                 # softmax(scores * scale)
     pd = p if drop_mask is None else p * drop_mask            # dropped-out probabilities
     out = merge_heads(parallel.matmul(pd, vh))                # (N, h, Tq, d) -> (N, Tq, C)
     return out, (qh, kh, vh, p, scale, drop_mask)
@@ -107,8 +115,7 @@ def attention_backward(dout, cache):
     dp = parallel.matmul(douth, vh.transpose(0, 1, 3, 2))     # (N, h, Tq, Tk), w.r.t. pd
     if drop_mask is not None:
         dp = dp * drop_mask                                   # back through p * mask
-    dscores = softmax_backward(dp, (p, -1))                   # (N, h, Tq, Tk)
-    dscores *= scale
+    dscores = softmax_backward(dp, (p, -1, scale))            # (N, h, Tq, Tk), w.r.t. the unscaled scores
     dq = parallel.matmul(dscores, kh)                         # (N, h, Tq, d)
     dk = parallel.matmul(dscores.transpose(0, 1, 3, 2), qh)   # (N, h, Tk, d)
     return merge_heads(dq), merge_heads(dk), merge_heads(dv)

@@ -131,7 +131,7 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
 def _layernorm_rows(x, xhat, rstd, out, gamma, beta, eps):
     """A block of rows (M, C) of the forward, into xhat, rstd (M, 1) and out."""
     xp = get_array_module(x)
-    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)            # centred
+    xp.subtract(x, _row_means(x), out=xhat)                              # centred
     # the sum of squares is an einsum, which multiplies and adds in one pass with no product array
     rstd[:, 0] = xp.einsum("mc,mc->m", xhat, xhat)
     rstd /= x.shape[-1]                                                 # biased variance
@@ -168,6 +168,13 @@ def _layernorm_grad_rows(dout, xhat, rstd, dx, gamma):
     proj = xp.einsum("mc,mc->m", dxhat, xhat)[:, None] / C         # (M, 1)
     xp.multiply(xhat, -proj, out=dx)
     dx += dxhat
-    dx -= dxhat.mean(axis=-1, keepdims=True)
+    dx -= _row_means(dxhat)
     dx *= rstd
     return dgamma, dbeta
+
+
+def _row_means(a):
+    """The mean of each row (M, C) -> (M, 1), as a matrix-vector product: BLAS does it 2-3x
+    faster than NumPy's reduction over rows as short as a token's 64 channels."""
+    C = a.shape[-1]
+    return (a @ get_array_module(a).full(C, 1.0 / C, dtype=a.dtype))[:, None]
