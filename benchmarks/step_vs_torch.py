@@ -282,8 +282,8 @@ def header(args, gpu):
              f"(BLAS: {tblas.split('=')[1].rstrip(',')})",
              f"- threads: {', '.join(f'{v}={os.environ.get(v)}' for v in THREAD_VARS)}, "
              f"torch.get_num_threads()={torch.get_num_threads()}; thread pools: {pools}; minicvt's "
-             f"own pool (minicvt.parallel): {parallel.num_threads()} threads, with OpenBLAS on one "
-             f"thread inside it while it runs",
+             f"own pool (minicvt.parallel): " + (f"{parallel.num_threads()} threads, OpenBLAS on one "
+             f"thread inside it" if parallel.num_threads() > 1 else "off, OpenBLAS keeps its threads"),
              f"- float32, 32x32 inputs; SGD lr {tc.lr}, momentum {tc.momentum}, Nesterov {tc.nesterov}, "
              f"weight decay {tc.weight_decay}, label smoothing {tc.label_smoothing}; median of "
              f"{args.repeats} alternated calls per side after {args.warmup} warm-up calls, ms"]
