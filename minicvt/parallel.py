@@ -10,6 +10,7 @@ working on separate rows of the same arrays do run at the same time.
     parallel.matmul(x, w)               # x @ w, a block of x's rows (or of a stack's matrices) per thread
     parallel.matmul_t(d, x)             # d.T @ x, the blocks' shares of the sum over rows added up
     parallel.add(a, b)                  # a + b, a block of rows per thread
+    parallel.rows(fn, (a, out), pieces=True)   # each thread walks its block in cache-sized pieces
 
 Every layer that uses it keeps its math in a function over a block of rows and writes the
 results into output arrays allocated once outside; rows whose results must be added up
@@ -23,8 +24,8 @@ thread (through threadpoolctl) for the rest of the process; `set_num_threads(1)`
 its own threads.
 
 It is one call on the whole arrays, in the calling thread, where threads cannot help: CuPy
-arrays (the GPU is parallel already), arrays under `min_elements`, one thread, or a call made
-from inside a block. The number of threads is the cores this process may use, or
+arrays (the GPU is parallel already), arrays under `min_elements` or one thread (but for the
+pieces), or a call made from inside a block. The number of threads is the cores this process may use, or
 MINICVT_NUM_THREADS, or `set_num_threads(n)`. Results do not depend on the threads except for
 the order in which partial sums are added (the last bits of a float32 weight gradient).
 """
@@ -148,7 +149,7 @@ def matmul(a, b, bias=None):
     """a @ b (+ bias), a block of rows per thread: a (M, K) @ b (K, P) -> (M, P), the rows of
     a split, each block adding the bias (P,) while it is still in the cache; or stacks of
     matrices a (n, ..., M, K) @ b (n, ..., K, P) -> (n, ..., M, P), the stack split along its
-    first axis. The result is a new C-ordered array of a's dtype."""
+    first axis. The result is a new C-ordered array."""
     xp = backend.get_array_module(a, b)
     out = xp.empty(a.shape[:-1] + b.shape[-1:], dtype=xp.result_type(a, b))
     if b.ndim == 2:

@@ -41,14 +41,14 @@ def _pad(x, ph, pw, channels_last=False):
     shape[hw[0]], shape[hw[1]] = H + 2 * ph, W + 2 * pw
     out = xp.empty(tuple(shape), x.dtype)
     at = _region(hw, x.ndim)
-    rows, every = slice(ph, ph + H), slice(None)
+    inner, every = slice(ph, ph + H), slice(None)
 
     def block(x, out):
         out[at(slice(0, ph), every)] = 0                    # top and bottom rows
         out[at(slice(ph + H, None), every)] = 0
-        out[at(rows, slice(0, pw))] = 0                     # left and right columns
-        out[at(rows, slice(pw + W, None))] = 0
-        out[at(rows, slice(pw, pw + W))] = x
+        out[at(inner, slice(0, pw))] = 0                    # left and right columns
+        out[at(inner, slice(pw + W, None))] = 0
+        out[at(inner, slice(pw, pw + W))] = x
 
     parallel.rows(block, (x, out))
     return out
@@ -205,10 +205,11 @@ def _depthwise_layout(x_shape, channels_last):
     (N, H, W, C), the layout of a token sequence (N, H*W, C) reshaped without a copy. Returns
     C, the (H, W) shape in NCHW order (for `_geometry`), a function that turns the (row, col)
     slices of a kernel offset into an index of the layout, and the weight broadcast shape."""
+    nchw = _nchw(x_shape, channels_last)
+    C = nchw[1]
     if channels_last:
-        N, H, W, C = x_shape
-        return C, (N, C, H, W), _region((1, 2), 4), (C,)
-    return x_shape[1], x_shape, _region((2, 3), 4), (x_shape[1], 1, 1)
+        return C, nchw, _region((1, 2), 4), (C,)
+    return C, nchw, _region((2, 3), 4), (C, 1, 1)
 
 
 def _windows(xpad, kernel, stride, out_hw, channels_last, window):

@@ -7,7 +7,8 @@ wider tokens, then LayerNorm normalises each token over its channels:
       --norm--> back to (N, C, H', W')
     H' = (H + 2 * padding - patch_size) // stride + 1   (W' likewise)
 
-The convolution runs channels last, so every step but the first is a view, not a copy.
+The convolution runs channels last (on the previous stage's tokens as they lie), so nothing
+between it and its LayerNorm copies the tokens.
 """
 import numpy as np
 
