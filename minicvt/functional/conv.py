@@ -35,11 +35,9 @@ def _pad(x, ph, pw, channels_last=False):
     if ph == 0 and pw == 0:
         return x
     xp = get_array_module(x)
-    hw = (1, 2) if channels_last else (2, 3)
+    hw = _map_axes(channels_last)
     H, W = x.shape[hw[0]], x.shape[hw[1]]
-    shape = list(x.shape)
-    shape[hw[0]], shape[hw[1]] = H + 2 * ph, W + 2 * pw
-    out = xp.empty(tuple(shape), x.dtype)
+    out = xp.empty(_padded_shape(x.shape, hw, ph, pw), x.dtype)
     at = _region(hw, x.ndim)
     inner, every = slice(ph, ph + H), slice(None)
 
@@ -52,6 +50,19 @@ def _pad(x, ph, pw, channels_last=False):
 
     parallel.rows(block, (x, out))
     return out
+
+
+def _map_axes(channels_last):
+    """The axes of H and W: 1, 2 of (N, H, W, C), or 2, 3 of (N, C, H, W)."""
+    return (1, 2) if channels_last else (2, 3)
+
+
+def _padded_shape(shape, hw, ph, pw):
+    """shape with its H and W axes (hw) grown by the zero padding on both sides."""
+    padded = list(shape)
+    padded[hw[0]] += 2 * ph
+    padded[hw[1]] += 2 * pw
+    return tuple(padded)
 
 
 def _region(hw, ndim):
@@ -105,10 +116,8 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, channels_last=False)
     check_shape("col2im", "cols", cols, (N * OH * OW, C * kh * kw))
     patch, column, cols_shape = _unfold(channels_last, (kh, kw), (sh, sw), (OH, OW))
     cols = cols.reshape((N, OH, OW) + cols_shape(C))
-    hw = (1, 2) if channels_last else (2, 3)
-    padded = list(x_shape)
-    padded[hw[0]], padded[hw[1]] = H + 2 * ph, W + 2 * pw
-    xpad = xp.empty(tuple(padded), dtype=cols.dtype)
+    hw = _map_axes(channels_last)
+    xpad = xp.empty(_padded_shape(x_shape, hw, ph, pw), dtype=cols.dtype)
 
     def block(cols, xpad):                                  # a block of images per CPU thread
         xpad[...] = 0
@@ -135,7 +144,7 @@ def _unfold(channels_last, kernel, stride, out_hw):
     column(cols, i, j): its columns of the unfolded rows, (n, OH, OW, C);
     and cols_shape(C), the trailing axes of cols: (kh, kw, C) channels last, (C, kh, kw) NCHW."""
     (kh, kw), (sh, sw), (OH, OW) = kernel, stride, out_hw
-    at = _region((1, 2) if channels_last else (2, 3), 4)
+    at = _region(_map_axes(channels_last), 4)
 
     def patch(xpad, i, j):
         view = xpad[at(slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))]
@@ -207,9 +216,7 @@ def _depthwise_layout(x_shape, channels_last):
     slices of a kernel offset into an index of the layout, and the weight broadcast shape."""
     nchw = _nchw(x_shape, channels_last)
     C = nchw[1]
-    if channels_last:
-        return C, nchw, _region((1, 2), 4), (C,)
-    return C, nchw, _region((2, 3), 4), (C, 1, 1)
+    return C, nchw, _region(_map_axes(channels_last), 4), (C,) if channels_last else (C, 1, 1)
 
 
 def _windows(xpad, kernel, stride, out_hw, channels_last, window):
@@ -218,7 +225,7 @@ def _windows(xpad, kernel, stride, out_hw, channels_last, window):
     (N, OH, OW, C, kh, kw) channels last, (N, C, OH, OW, kh, kw) otherwise."""
     xp = get_array_module(xpad)
     (sh, sw), (OH, OW) = stride, out_hw
-    axes = (1, 2) if channels_last else (2, 3)
+    axes = _map_axes(channels_last)
     windows = xp.lib.stride_tricks.sliding_window_view(xpad, kernel, axis=axes)
     return windows[window(slice(0, sh * OH, sh), slice(0, sw * OW, sw))]
 
