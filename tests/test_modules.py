@@ -86,6 +86,20 @@ def test_no_grad_keeps_no_cache_and_gives_the_same_output(xp, rand):
         layer.backward(rand(2, 3, 4, 4))
 
 
+@pytest.mark.parametrize("make", [lambda: nn.LayerNorm(4, dtype=f64), nn.QuickGELU, nn.GELU,
+                                  lambda: nn.GELU("tanh")], ids=["LayerNorm", "QuickGELU", "GELU", "GELU-tanh"])
+def test_no_grad_inference_forward_drops_an_earlier_cache(xp, rand, make):
+    """These layers run a cheaper forward under no_grad (F.*_inference): same output, and the
+    cache of a forward before it is gone, so a backward cannot use a stale one."""
+    layer, x = make(), rand(2, 3, 4, scale=4.0)
+    out_with_grad = host(layer(x))                        # leaves a cache
+    with nn.no_grad():
+        out = host(layer(x))
+    np.testing.assert_allclose(out, out_with_grad, rtol=1e-15, atol=0)
+    with pytest.raises(RuntimeError, match="without a forward"):
+        layer.backward(rand(2, 3, 4))
+
+
 def test_no_grad_is_restored_after_an_error():
     with pytest.raises(KeyError):
         with nn.no_grad():

@@ -195,6 +195,26 @@ def test_threaded_layer_equals_one_thread_and_passes_gradcheck(rand, name):
         report.assert_ok(TOL)
 
 
+INFERENCE = {   # the forwards that cache nothing (no_grad), against the forward's out
+    "quick_gelu": (F.quick_gelu_inference, F.quick_gelu_forward),
+    "gelu": (F.gelu_inference, F.gelu_forward),
+    "gelu_tanh": (lambda x: F.gelu_inference(x, "tanh"), lambda x: F.gelu_forward(x, "tanh")),
+    "layernorm": (F.layernorm_inference, F.layernorm_forward),
+}
+
+
+@pytest.mark.parametrize("name", list(INFERENCE))
+def test_threaded_inference_equals_the_forward(rand, name):
+    inference, forward = INFERENCE[name]
+    inputs = _layers(rand)[name][2]
+    inputs = {k: v * 20.0 if k == "x" else v for k, v in inputs.items()}   # exp overflows for some
+    expected = forward(**inputs)[0]
+    for setting in (dict(threads=1), dict(threads=3, min_elements=0), TINY_PIECES):
+        with parallel.settings(**setting):
+            # quick_gelu: x / (1 + e) against x * (1 / (1 + e)), one rounding apart
+            np.testing.assert_allclose(inference(**inputs), expected, rtol=1e-15, atol=0, err_msg=f"{name} {setting}")
+
+
 def test_layer_list_is_complete(rand):
     assert sorted(_layers(rand)) == sorted(LAYERS)
 

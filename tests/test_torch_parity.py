@@ -181,6 +181,24 @@ def test_quick_gelu(xp):
              lambda x: x * torch.sigmoid(1.702 * x), {"x": _host(1, 3, 4, 5, scale=3.0)})
 
 
+_INFERENCE = {   # name: (ours, torch's forward, inputs): the forwards that cache nothing (no_grad)
+    "gelu": (F.gelu_inference, TF.gelu, {"x": _host(1, 3, 4, 5, scale=3.0)}),
+    "gelu_tanh": (lambda x: F.gelu_inference(x, "tanh"), lambda x: TF.gelu(x, approximate="tanh"),
+                  {"x": _host(1, 3, 4, 5, scale=3.0)}),
+    "quick_gelu": (F.quick_gelu_inference, lambda x: x * torch.sigmoid(1.702 * x),
+                   {"x": _host(1, 3, 4, 5, scale=30.0)}),       # exp(-1.702 x) overflows for some
+    "layernorm": (F.layernorm_inference, lambda x, gamma, beta: TF.layer_norm(x, (6,), gamma, beta, eps=1e-5),
+                  {"x": _host(1, 2, 5, 6, scale=3.0) - 1.0, "gamma": _host(2, 6), "beta": _host(3, 6)}),
+}
+
+
+@pytest.mark.parametrize("name", list(_INFERENCE))
+def test_inference_forward(xp, name):
+    ours, theirs, arrays = _INFERENCE[name]
+    out = ours(**{n: backend.to_device(a) for n, a in arrays.items()})
+    _assert_close("out", out, theirs(**{n: torch.tensor(a, dtype=torch.float64) for n, a in arrays.items()}))
+
+
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_softmax(xp, axis):
     _compare(lambda x: F.softmax_forward(x, axis), F.softmax_backward,

@@ -97,9 +97,13 @@ def attention_forward(q, k, v, num_heads, scale=None, drop_mask=None):
             raise ValueError(f"attention: drop_mask must be {q.dtype} of shape {want}, "
                              f"got {drop_mask.dtype} {tuple(drop_mask.shape)}")
     qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
-    # each product is a stack of N*h small matrices: a block of images per CPU thread
-    scores = parallel.matmul(qh, kh.transpose(0, 1, 3, 2))    # (N, h, Tq, Tk), unscaled
-    p, _ = softmax_forward(scores, -1, scale)                 # softmax(scores * scale)
+    # each product is a stack of N*h small matrices: a block of images per CPU thread.
+    # The scores are made key-major, k q^T (N, h, Tk, Tq): the softmax over the keys then
+    # reduces across rows of Tq values, which NumPy does as fast elementwise passes, instead
+    # of along each row of only Tk = 64, 16 or 5 values (2-3x faster). p is a transposed
+    # view, (N, h, Tq, Tk) as usual; BLAS reads transposed matrices as they are.
+    scores_t = parallel.matmul(kh, qh.transpose(0, 1, 3, 2))  # (N, h, Tk, Tq), unscaled
+    p = softmax_forward(scores_t, -2, scale)[0].transpose(0, 1, 3, 2)   # softmax(scores * scale)
     pd = p if drop_mask is None else p * drop_mask            # dropped-out probabilities
     out = merge_heads(parallel.matmul(pd, vh))                # (N, h, Tq, d) -> (N, Tq, C)
     return out, (qh, kh, vh, p, scale, drop_mask)
@@ -112,10 +116,11 @@ def attention_backward(dout, cache):
     pd = p if drop_mask is None else p * drop_mask
     douth = split_heads(dout, h)                              # (N, h, Tq, d)
     dv = parallel.matmul(pd.transpose(0, 1, 3, 2), douth)     # (N, h, Tk, d)
-    dp = parallel.matmul(douth, vh.transpose(0, 1, 3, 2))     # (N, h, Tq, Tk), w.r.t. pd
+    # key-major like the forward's scores, (N, h, Tk, Tq): w.r.t. pd, then the unscaled scores
+    dp_t = parallel.matmul(vh, douth.transpose(0, 1, 3, 2))
     if drop_mask is not None:
-        dp = dp * drop_mask                                   # back through p * mask
-    dscores = softmax_backward(dp, (p, -1, scale))            # (N, h, Tq, Tk), w.r.t. the unscaled scores
-    dq = parallel.matmul(dscores, kh)                         # (N, h, Tq, d)
-    dk = parallel.matmul(dscores.transpose(0, 1, 3, 2), qh)   # (N, h, Tk, d)
+        dp_t = dp_t * drop_mask.transpose(0, 1, 3, 2)         # back through p * mask
+    dscores_t = softmax_backward(dp_t, (p.transpose(0, 1, 3, 2), -2, scale))
+    dq = parallel.matmul(dscores_t.transpose(0, 1, 3, 2), kh)  # (N, h, Tq, d)
+    dk = parallel.matmul(dscores_t, qh)                       # (N, h, Tk, d)
     return merge_heads(dq), merge_heads(dk), merge_heads(dv)

@@ -12,7 +12,7 @@ import numpy as np
 from .. import backend
 from .. import functional as F
 from ..functional._checks import pair
-from .module import Module, Parameter
+from .module import Module, Parameter, grad_enabled
 
 
 def _uniform(rng, shape, bound, dtype):
@@ -154,6 +154,9 @@ class LayerNorm(Module):
         self.bias = Parameter(backend.to_device(np.zeros(channels, dtype)))
 
     def forward(self, x):
+        if not grad_enabled():           # no backward to come: nothing cached, one array fewer
+            self._save(None)             # (and no earlier forward's cache left for a backward)
+            return F.layernorm_inference(x, self.weight.data, self.bias.data, self.eps)
         out, cache = F.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
         self._save(cache)
         return out
@@ -175,6 +178,9 @@ class GELU(Module):
         self.approximate = approximate
 
     def forward(self, x):
+        if not grad_enabled():           # as LayerNorm: nothing cached, one array fewer
+            self._save(None)
+            return F.gelu_inference(x, self.approximate)
         out, cache = F.gelu_forward(x, self.approximate)
         self._save(cache)
         return out
@@ -187,6 +193,9 @@ class QuickGELU(Module):
     """Elementwise x * sigmoid(1.702 x), the official CvT code's activation."""
 
     def forward(self, x):
+        if not grad_enabled():
+            self._save(None)
+            return F.quick_gelu_inference(x)
         out, cache = F.quick_gelu_forward(x)
         self._save(cache)
         return out
