@@ -31,8 +31,8 @@ the order in which partial sums are added (the last bits of a float32 weight gra
 """
 import contextlib
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from . import backend
 
@@ -72,7 +72,7 @@ def set_num_threads(n):
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of threads must be a whole number >= 1, got {n!r}")
     if _state["pool"] is not None:
-        _state["pool"].shutdown(wait=True)
+        _state["pool"].shutdown()
     if _state["blas"] is not None:            # BLAS gets its own threads back
         _state["blas"].restore_original_limits()
     _state["threads"], _state["pool"], _state["blas"] = n, None, None
@@ -98,12 +98,40 @@ def settings(threads=None, min_elements=None, piece_bytes=None):
         _state["min_elements"], _state["piece_bytes"] = old[1], old[2]
 
 
+class _Workers:
+    """n threads, each waiting on a queue of its own for (fn, args, done); each puts
+    (its index, ok, fn's result or exception) into `done`. A hand-off is one put and one get:
+    concurrent.futures' ThreadPoolExecutor (a Future, its locks and notifications per task)
+    took about 50 us to start a block on the 2-core VM, this about 10 us, and a forward makes
+    about 150 hand-offs (docs/performance.md)."""
+
+    def __init__(self, n):
+        self.queues = [queue.SimpleQueue() for _ in range(n)]
+        for i, q in enumerate(self.queues):
+            threading.Thread(target=self._work, args=(q,), name=f"minicvt-{i}", daemon=True).start()
+
+    @staticmethod
+    def _work(tasks):
+        while True:
+            task = tasks.get()
+            if task is None:                   # shutdown
+                return
+            index, fn, args, done = task
+            try:
+                done.put((index, True, fn(*args)))
+            except BaseException as e:         # re-raised in the calling thread
+                done.put((index, False, e))
+
+    def shutdown(self):
+        for q in self.queues:
+            q.put(None)
+
+
 def _pool():
     if _state["pool"] is None:     # the calling thread takes the first block itself
         from threadpoolctl import ThreadpoolController
         _state["blas"] = ThreadpoolController().select(internal_api="openblas").limit(limits=1)
-        _state["pool"] = ThreadPoolExecutor(max_workers=num_threads() - 1,
-                                            thread_name_prefix="minicvt")
+        _state["pool"] = _Workers(num_threads() - 1)
     return _state["pool"]
 
 
@@ -138,10 +166,22 @@ def rows(fn, arrays, *shared, pieces=False):
                for p in range(lo, hi, step)] for lo, hi in zip(bounds, bounds[1:])]
     if k == 1 and len(shares[0]) == 1:
         return [fn(*arrays, *shared)]
-    futures = [_pool().submit(_run, fn, share) for share in shares[1:]]
-    results = _run(fn, shares[0])
-    for f in futures:
-        results += f.result()
+    pool, done = _pool(), queue.SimpleQueue()
+    for i, share in enumerate(shares[1:], start=1):
+        pool.queues[i - 1].put((i, _run, (fn, share), done))
+    try:
+        blocks = [(True, _run(fn, shares[0]))]
+    except BaseException as e:
+        blocks = [(False, e)]
+    blocks += [None] * (len(shares) - 1)
+    for _ in shares[1:]:               # every block is waited for, even after an error: none
+        i, ok, value = done.get()      # may still be writing when the caller sees the exception
+        blocks[i] = (ok, value)
+    results = []
+    for ok, value in blocks:
+        if not ok:
+            raise value
+        results += value
     return results
 
 

@@ -10,6 +10,7 @@ are added in another order) and pass the float64 gradient check.
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -75,6 +76,17 @@ def test_rows_reraises_a_blocks_error(threaded):
             raise ArithmeticError("block with row 4")
     with pytest.raises(ArithmeticError, match="row 4"):
         parallel.rows(fail_on_last, (np.arange(5.0).reshape(5, 1),))
+    finished = []
+
+    def fail_first_after_the_others_finish(x):      # the calling thread's block fails
+        if x[0, 0] == 0:
+            raise ArithmeticError("block with row 0")
+        time.sleep(0.05)
+        finished.append(x[0, 0])
+    with pytest.raises(ArithmeticError, match="row 0"):
+        parallel.rows(fail_first_after_the_others_finish, (np.arange(5.0).reshape(5, 1),))
+    assert sorted(finished) == [1.0, 3.0]               # the other blocks ran to the end first
+    assert parallel.rows(lambda x: x.shape, (np.ones((5, 1)),)) == [(1, 1), (2, 1), (2, 1)]   # still works
 
 
 def test_matmul_and_matmul_t(threaded, rand):

@@ -21,8 +21,11 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
     Eval: normalise with the running statistics (then BN is a per-channel affine map).
     Returns out (x's shape), cache, (new_running_mean, new_running_var); the inputs are not
     modified (the module stores the new statistics).
-    cache: xhat (x's shape) and rstd (C,) = 1/sqrt(var + eps), gamma, and the mode, which
-    decides the backward (in training the statistics depend on x).
+    cache: the centred input xc = x - mean (x's shape) and rstd (C,) = 1/sqrt(var + eps), so
+    that xhat = xc * rstd; gamma; and the mode, which decides the backward (in training the
+    statistics depend on x). Caching xc rather than xhat saves the forward a pass: out is
+    xc * (gamma * rstd) + beta, and the backward only ever needs xhat times a per-channel
+    number, which takes rstd in (C,) instead of a pass over x.
     """
     layer = "batchnorm2d"
     check_ndim(layer, "x", x, 4, "(N, H, W, C)" if channels_last else "(N, C, H, W)")
@@ -39,34 +42,34 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
     M = x.size // C
     # the passes over x run a block of images per CPU thread (parallel.rows); the per-channel
     # sums over the whole batch are added up from the blocks' shares between them
-    xhat = xp.empty(x.shape, x.dtype)
+    xc = xp.empty(x.shape, x.dtype)
     if training:
         if M < 2:
             raise ValueError(f"batchnorm2d: training needs more than one value per channel, got "
                              f"input shape {tuple(x.shape)}")
         mean = parallel.total(parallel.rows(lambda x: x.sum(axis=axes), (x,))) / M     # (C,)
 
-        def centre(x, xhat):                                        # xhat = x - mean, its sum of squares
-            xp.subtract(x, mean.reshape(shape), out=xhat)
-            return xp.einsum(spec, xhat, xhat)
+        def centre(x, xc):                                          # xc = x - mean, its sum of squares
+            xp.subtract(x, mean.reshape(shape), out=xc)
+            return xp.einsum(spec, xc, xc)
 
-        var = parallel.total(parallel.rows(centre, (x, xhat), pieces=True)) / M                      # (C,) biased
+        var = parallel.total(parallel.rows(centre, (x, xc), pieces=True)) / M                      # (C,) biased
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
         new_var = (1.0 - momentum) * running_var + momentum * var * (M / (M - 1))
     else:
         mean, var = running_mean, running_var
         new_mean, new_var = running_mean, running_var
-        parallel.rows(lambda x, xhat: xp.subtract(x, mean.reshape(shape), out=xhat), (x, xhat))
+        parallel.rows(lambda x, xc: xp.subtract(x, mean.reshape(shape), out=xc), (x, xc))
     rstd = 1.0 / xp.sqrt(var + eps)                                 # (C,)
+    g = (gamma * rstd).reshape(shape)
     out = xp.empty(x.shape, x.dtype)
 
-    def scale(xhat, out):                                           # normalise, then gamma, beta
-        xhat *= rstd.reshape(shape)
-        xp.multiply(xhat, gamma.reshape(shape), out=out)
+    def scale(xc, out):                                             # gamma * xhat + beta
+        xp.multiply(xc, g, out=out)
         out += beta.reshape(shape)
 
-    parallel.rows(scale, (xhat, out), pieces=True)
-    return out, (xhat, rstd, gamma, training, channels_last), (new_mean, new_var)
+    parallel.rows(scale, (xc, out), pieces=True)
+    return out, (xc, rstd, gamma, training, channels_last), (new_mean, new_var)
 
 
 def _bn_axes(x_shape, channels_last):
@@ -81,11 +84,13 @@ def _bn_axes(x_shape, channels_last):
 
 def batchnorm2d_backward(dout, cache):
     """dout (x's shape) -> dx (x's shape), dgamma (C,), dbeta (C,)."""
-    xhat, rstd, gamma, training, channels_last = cache
+    xc, rstd, gamma, training, channels_last = cache
     axes, shape, spec = _bn_axes(dout.shape, channels_last)
     xp = get_array_module(dout)
-    dgamma, dbeta = parallel.total(parallel.rows(            # a block of images per CPU thread
-        lambda dout, xhat: (xp.einsum(spec, dout, xhat), dout.sum(axis=axes)), (dout, xhat)))
+    # dgamma = sum(dout * xhat) = rstd * sum(dout * xc), a block of images per CPU thread
+    dgamma, dbeta = parallel.total(parallel.rows(
+        lambda dout, xc: (xp.einsum(spec, dout, xc), dout.sum(axis=axes)), (dout, xc)))
+    dgamma *= rstd
     g = (gamma * rstd).reshape(shape)
     dx = xp.empty(dout.shape, dout.dtype)
     if not training:
@@ -93,16 +98,17 @@ def batchnorm2d_backward(dout, cache):
         return dx, dgamma, dbeta
     M = dout.size // dbeta.shape[0]
     # dx = gamma*rstd * (dout - mean(dout) - xhat * mean(dout * xhat)), means over (N, H, W);
-    # the two subtracted terms are the paths through the batch mean and variance.
-    dgamma_m, dbeta_m = (-dgamma / M).reshape(shape), (dbeta / M).reshape(shape)
+    # the two subtracted terms are the paths through the batch mean and variance. With
+    # xhat = xc * rstd, the last term is xc times the per-channel rstd * dgamma / M.
+    dgamma_m, dbeta_m = (-dgamma * rstd / M).reshape(shape), (dbeta / M).reshape(shape)
 
-    def grad(dout, xhat, dx):
-        xp.multiply(xhat, dgamma_m, out=dx)
+    def grad(dout, xc, dx):
+        xp.multiply(xc, dgamma_m, out=dx)
         dx += dout
         dx -= dbeta_m
         dx *= g
 
-    parallel.rows(grad, (dout, xhat, dx), pieces=True)
+    parallel.rows(grad, (dout, xc, dx), pieces=True)
     return dx, dgamma, dbeta
 
 
