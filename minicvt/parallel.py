@@ -166,9 +166,9 @@ def rows(fn, arrays, *shared, pieces=False):
                for p in range(lo, hi, step)] for lo, hi in zip(bounds, bounds[1:])]
     if k == 1 and len(shares[0]) == 1:
         return [fn(*arrays, *shared)]
-    pool, done = _pool(), queue.SimpleQueue()
-    for i, share in enumerate(shares[1:], start=1):
-        pool.queues[i - 1].put((i, _run, (fn, share), done))
+    done = queue.SimpleQueue()
+    for i, share in enumerate(shares[1:], start=1):      # (one thread: no pool, BLAS keeps its own)
+        _pool().queues[i - 1].put((i, _run, (fn, share), done))
     try:
         blocks = [(True, _run(fn, shares[0]))]
     except BaseException as e:

@@ -138,8 +138,10 @@ def test_blas_runs_on_one_thread_while_the_pool_works():
         pytest.skip("NumPy is not linked against OpenBLAS here")
     def blas_threads():
         return threadpoolctl.ThreadpoolController().select(internal_api="openblas").lib_controllers[0].num_threads
-    with parallel.settings(threads=1):                      # no pool: BLAS has its own threads
+    with parallel.settings(threads=1, piece_bytes=16):      # no pool: BLAS has its own threads,
         before = blas_threads()
+        parallel.rows(lambda x: None, (np.zeros((6, 1)),), pieces=True)     # also when walking pieces
+        assert blas_threads() == before
         with parallel.settings(threads=2, min_elements=0):
             parallel.matmul(np.ones((4, 3)), np.ones((3, 2)))
             assert blas_threads() == 1
