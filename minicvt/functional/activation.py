@@ -30,12 +30,16 @@ def gelu_forward(x, approximate="none"):
     most float64 digits: (1 + erf(z)) / 2 as erfc(-z) / 2, and (1 + tanh u) / 2 as sigmoid(2u).
     cache: x and the Phi(x) value, which the derivative reuses.
     """
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    _check_approximate(approximate)
     xp = get_array_module(x)
     cdf, out = xp.empty_like(x), xp.empty_like(x)
     parallel.rows(_gelu_rows, (x, cdf, out), approximate, pieces=True)
     return out, (approximate, x, cdf)
+
+
+def _check_approximate(approximate):
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
 def _gelu_rows(x, cdf, out, approximate):
@@ -57,8 +61,7 @@ def _gelu_rows(x, cdf, out, approximate):
 
 def gelu_inference(x, approximate="none"):
     """gelu_forward's out alone (nothing cached): Phi(x) built in out, then out *= x."""
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    _check_approximate(approximate)
     out = get_array_module(x).empty_like(x)
     parallel.rows(_gelu_rows, (x, out, out), approximate, pieces=True)   # cdf and out share one array
     return out
