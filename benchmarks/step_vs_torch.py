@@ -2,6 +2,7 @@
 
     python3 benchmarks/step_vs_torch.py [--batch-size 128 [512 ...]] [--repeats 10] [--warmup 3]
         [--threads N] [--backend numpy|cupy] [--tf32] [--breakdown] [--no-memory] [--json OUT]
+        [--dry-run]
 
 Both sides get the same weights (copied by name into the independent PyTorch twin of
 tests/torch_cvt.py), the same batch (float32 3x32x32 random images, random labels) and the
@@ -13,6 +14,9 @@ CPU: NumPy against PyTorch CPU with the same thread count. GPU (--backend cupy):
 PyTorch CUDA eager, TF32 off for both; --tf32 runs off, then on for both, each in a fresh process
 (CuPy reads CUPY_TF32 once). Peak memory is measured per side in a fresh process (the script runs
 itself with --_memory-side). A script, not a test: nothing asserts a time. See benchmarks/README.md.
+--dry-run runs every part of the script on batch 2 with one call per side and PyTorch on the CPU
+where it has no CUDA: the test suite runs it with --backend cupy under the emulated CuPy, which
+checks that the GPU path of this script works; its times are not measurements.
 """
 import argparse
 import ctypes
@@ -48,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--breakdown", action="store_true", help="minicvt's time per layer type")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="every part on batch 2, one call per side: checks the script runs, measures nothing")
     # internal: the script runs itself for the memory measurement and for each TF32 mode
     p.add_argument("--_memory-side", dest="memory_side", choices=["minicvt", "torch"],
                    help=argparse.SUPPRESS)
@@ -56,6 +62,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if min(args.batch_size) < 1 or args.repeats < 1 or args.warmup < 0:
         p.error("need --batch-size >= 1, --repeats >= 1, --warmup >= 0")
+    if args.dry_run:
+        args.batch_size, args.repeats, args.warmup = [2], 1, 0
     if args.tf32 and args.backend != "cupy":
         p.error("--tf32 needs --backend cupy (TF32 is a GPU matmul mode)")
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -185,6 +193,8 @@ def rss_rise_mb(fn):
 
 def device_rise_mb(fn, side):
     """How far device memory in use rises above its level before fn() while fn() runs."""
+    if side == "torch" and not torch.cuda.is_available():      # a dry run: PyTorch on the CPU
+        return rss_rise_mb(fn)
     if side == "torch":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -214,7 +224,7 @@ def memory_child(args):
     step (the optimiser's momentum, PyTorch's gradients, one-time library set-up) and during two
     steady-state steps (activations, caches, gradient temporaries)."""
     gpu = args.backend == "cupy"
-    pair = Pair(args.batch_size[0], "cuda" if gpu else "cpu")
+    pair = Pair(args.batch_size[0], torch_device(args))
     pair.train(True)
     step = pair.minicvt_step if args.memory_side == "minicvt" else pair.torch_step
     rise = functools.partial(device_rise_mb, side=args.memory_side) if gpu else rss_rise_mb
@@ -238,7 +248,15 @@ def memory_child(args):
 def child_argv(args, sizes, mode):
     return [sys.executable, str(Path(__file__).resolve()), "--batch-size", *map(str, sizes),
             "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads),
-            "--backend", args.backend, "--_tf32-mode", mode]
+            "--backend", args.backend, "--_tf32-mode", mode] + (["--dry-run"] if args.dry_run else [])
+
+
+def torch_device(args):
+    """PyTorch's side: CUDA against CuPy, the CPU against NumPy, and in a dry run without CUDA
+    the CPU as a stand-in (the emulated CuPy runs on the CPU too)."""
+    if args.backend != "cupy":
+        return "cpu"
+    return "cpu" if args.dry_run and not torch.cuda.is_available() else "cuda"
 
 
 def measure_memory(args, N):
@@ -310,7 +328,7 @@ def run_batch(args, N, device):
     pair.train(False)
     res["forward_ms"], _ = alternate({"minicvt": pair.minicvt_forward, "torch": pair.torch_forward},
                                      syncs, args.repeats, args.warmup)
-    print(f"\n## batch {N}" + (f", TF32 {args.tf32_mode}" if device == "cuda" else ""))
+    print(f"\n## batch {N}" + (f", TF32 {args.tf32_mode}" if args.backend == "cupy" else ""))
     print(f"\nEval logits of the two sides differ by {res['logits_rel_diff']:.1e} (max relative). "
           f"Loss after the last step: minicvt {res['last_loss']['minicvt']:.4f}, PyTorch "
           f"{res['last_loss']['torch']:.4f} (close, not equal: the drop-path masks differ).\n")
@@ -349,7 +367,9 @@ def main(args):
         for mode in ("off", "on"):
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp, "runs.json")
-                cmd = child_argv(args, args.batch_size, mode) + flags + ["--json", str(out)]
+                # memory does not depend on the matmul mode: measured once, with TF32 off
+                more = ["--no-memory"] if mode == "on" and "--no-memory" not in flags else []
+                cmd = child_argv(args, args.batch_size, mode) + flags + more + ["--json", str(out)]
                 if subprocess.run(cmd).returncode:
                     sys.exit(f"step_vs_torch: the TF32 {mode} run failed (its error is above)")
                 runs += json.loads(out.read_text())["runs"]
@@ -357,14 +377,16 @@ def main(args):
     else:
         backend.set_backend(args.backend)
         torch.set_num_threads(args.threads)
-        device = "cuda" if args.backend == "cupy" else "cpu"
+        device = torch_device(args)
         if device == "cuda":
             set_tf32(args.tf32_mode == "on")
         if args.memory_side:
             return memory_child(args)
-        info = header(args, device == "cuda")
-        print(f"# cvt-cifar-s: minicvt ({args.backend}) against PyTorch ({device})\n\n{info}", flush=True)
+        info = header(args, args.backend == "cupy")
+        dry = " (DRY RUN: batch 2, one call per side; not a measurement)" if args.dry_run else ""
+        print(f"# cvt-cifar-s: minicvt ({args.backend}) against PyTorch ({device}){dry}\n\n{info}", flush=True)
         results = {"header": info, "runs": [run_batch(args, N, device) for N in args.batch_size]}
+    results["dry_run"] = args.dry_run
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

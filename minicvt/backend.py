@@ -165,12 +165,28 @@ def erfc(x, out=None):
 
 def einsum(spec, *operands, out):
     """xp.einsum written into `out`: NumPy's einsum takes out=, CuPy's has no such argument
-    (its result is copied in)."""
+    (its result is copied in; see sum_of_products for what CuPy's einsum allocates)."""
     if is_cupy_array(out):
         out[...] = get_array_module(out).einsum(spec, *operands)
     else:
         np.einsum(spec, *operands, out=out)
     return out
+
+
+def sum_of_products(spec, a, b):
+    """einsum(spec, a, b) for a and b of one shape, summed over the axes missing from the
+    output (e.g. "nhwc,nhwc->c", a per-channel sum of a * b; the output's axes in a's order).
+    NumPy's einsum multiplies and adds in one pass, with no product array. CuPy's einsum
+    turns it into transposed copies of both operands and a batched matrix product, twice a's
+    size in temporaries (measured under the emulated CuPy, docs/backend.md); there the product
+    array and one reduction are half that."""
+    if is_cupy_array(a):
+        inputs, output = spec.replace(" ", "").split("->")
+        labels = inputs.split(",")[0]
+        if [c for c in labels if c in output] != list(output):
+            raise ValueError(f"sum_of_products: {spec!r} must keep the output's axes in a's order")
+        return (a * b).sum(axis=tuple(i for i, c in enumerate(labels) if c not in output))
+    return np.einsum(spec, a, b)
 
 
 def host_rng(seed):
@@ -203,12 +219,19 @@ class BackendRNG:
     def seed(self, seed):
         """Start the stream again from `seed`, on the backend active now."""
         self.backend, self.initial_seed = get_backend(), seed
-        self._gen = xp().random.default_rng(seed)
+        self._xp, self._gen = xp(), None
+
+    def _generator(self):
+        # made at the first draw: on a GPU a generator is a cuRAND state in device memory, and
+        # a module whose dropout rate is 0 never draws
+        if self._gen is None:
+            self._gen = self._xp.random.default_rng(self.initial_seed)
+        return self._gen
 
     def random(self, shape, dtype=np.float32):
         """Uniform [0, 1) samples of the given shape and dtype."""
-        return self._gen.random(shape, dtype=dtype)
+        return self._generator().random(shape, dtype=dtype)
 
     def integers(self, low, high, shape):
         """Integers in [low, high) of the given shape."""
-        return self._gen.integers(low, high, size=shape)
+        return self._generator().integers(low, high, size=shape)

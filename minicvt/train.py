@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import backend, data, nn
+from . import functional as F
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .models import build_model, get_config
 from .models.configs import CvTConfig
@@ -87,36 +88,58 @@ def make_optimizer(tc, model):
 
 
 def reseed_dropout(model, seed):
-    """Give every module that draws random masks (dropout, drop path) its own stream, seeded
-    from (run seed, epoch) and its position, so a resumed epoch draws the same masks."""
-    for i, (_, m) in enumerate(model.named_modules()):
+    """Give every module that draws random masks (dropout, drop path) one stream, shared,
+    seeded from (run seed, epoch): the modules draw from it in the same order in every run,
+    so a resumed epoch draws the same masks. One generator for the model, not one per module:
+    on a GPU each is a cuRAND state of its own, made afresh every epoch."""
+    rng = backend.BackendRNG(seed * 7919)
+    for _, m in model.named_modules():
         if "rng" in m.__dict__:
-            m.rng = backend.BackendRNG(seed * 7919 + i)
+            m.rng = rng
+
+
+def read_back(*scalars):
+    """Several 0-d device arrays as Python floats, in one device-to-host transfer (each
+    float() of a CuPy array is a transfer, and a wait for the GPU, of its own)."""
+    xp = backend.get_array_module(*scalars)
+    return [float(v) for v in backend.to_numpy(xp.stack(scalars))]
 
 
 def evaluate(model, loader, num_classes):
-    """(mean loss, accuracy, per-class accuracy (K,)) over one pass, in eval mode, no caches."""
+    """(mean loss, accuracy, per-class accuracy (K,)) over one pass, in eval mode, no caches.
+    Every sum stays on the device until one read-back at the end."""
     model.eval()
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(check_labels=False)
     xp = backend.xp()
-    total_loss, correct, seen = xp.zeros(()), xp.zeros(num_classes), xp.zeros(num_classes)
+    classes = xp.arange(num_classes)
+    total_loss, bad = xp.zeros(()), xp.zeros(())
+    correct, seen = xp.zeros(num_classes), xp.zeros(num_classes)
     with nn.no_grad():
         for x, y in loader.epoch(0):
             logits = model.forward(x)
             total_loss += criterion.forward(logits, y) * len(y)
-            hit = (logits.argmax(axis=1) == y).astype(xp.float64)
-            correct += xp.bincount(y, weights=hit, minlength=num_classes)   # hits per class
-            seen += xp.bincount(y, minlength=num_classes)
-    per_class = backend.to_numpy(correct / xp.maximum(seen, 1))
+            bad += F.label_errors(y, num_classes)
+            # per-class counts as sums of a one-hot (B, K) mask: bincount would read the largest
+            # label back from the GPU twice a batch
+            onehot = y[:, None] == classes
+            hit = (logits.argmax(axis=1) == y)[:, None]
+            correct += (onehot & hit).sum(axis=0)
+            seen += onehot.sum(axis=0)
+    host = backend.to_numpy(xp.concatenate([correct, seen, xp.stack([total_loss, bad])]))
+    correct, seen, (total_loss, bad) = host[:num_classes], host[num_classes:-2], host[-2:]
+    if bad:
+        raise ValueError(f"{int(bad)} labels lie outside [0, {num_classes}): the labels must be "
+                         f"class indices of the model's {num_classes} classes")
     n = float(seen.sum())
-    return float(total_loss) / n, float(correct.sum()) / n, per_class
+    return float(total_loss) / n, float(correct.sum()) / n, correct / np.maximum(seen, 1)
 
 
 class Trainer:
     """Holds the data, model, optimiser and output folder of one run."""
 
-    def __init__(self, tc, out_dir, model_config=None, progress=True, log=print, cache_dir=None):
-        self.tc, self.out = tc, Path(out_dir)
+    def __init__(self, tc, out_dir, model_config=None, progress=True, log=print, cache_dir=None,
+                 log_every=20):
+        self.tc, self.out, self.log_every = tc, Path(out_dir), log_every
         self.progress, self.log = progress, log
         self.dtype = np.dtype(tc.dtype)
         images, labels, classes = data.load_dataset(tc.data, cache_dir=cache_dir)
@@ -142,7 +165,8 @@ class Trainer:
                              f"model has {self.mc.num_classes} classes")
         self.model = build_model(self.mc, seed=tc.seed, dtype=self.dtype)
         self.optimizer = make_optimizer(tc, self.model)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+        # no label check that reads back every step: the loop counts bad labels on the device
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing, check_labels=False)
         self.start_epoch, self.best_acc, self.history = 0, -1.0, []
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -186,7 +210,10 @@ class Trainer:
         steps = len(self.train_loader)
         total_steps, warmup = tc.epochs * steps, int(round(tc.warmup_epochs * steps))
         xp = backend.xp()
-        loss_sum, correct, seen = xp.zeros(()), xp.zeros(()), 0
+        K = self.mc.num_classes
+        # running sums stay on the device: reading one back waits for the GPU, so they are read
+        # together once per logging interval, not every step
+        loss_sum, correct, bad, seen = xp.zeros(()), xp.zeros(()), xp.zeros(()), 0
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not self.progress, leave=False)
         start = time.perf_counter()
         for i, (x, y) in enumerate(self.train_loader.epoch(epoch)):
@@ -200,19 +227,24 @@ class Trainer:
             opt.step()
             loss_sum += loss * len(y)
             correct += (logits.argmax(axis=1) == y).sum()
+            bad += F.label_errors(y, K)
             seen += len(y)
-            if i % 20 == 19 or i == steps - 1:     # reading the loss waits for the GPU: not every step
-                mean_loss = float(loss_sum) / seen
+            if i % self.log_every == self.log_every - 1 or i == steps - 1:
+                host_loss, host_correct, host_bad = read_back(loss_sum, correct, bad)
+                if host_bad:
+                    raise ValueError(f"{int(host_bad)} training labels of epoch {epoch + 1} (up to step "
+                                     f"{i + 1}) lie outside [0, {K}); the labels must be class indices")
+                mean_loss = host_loss / seen
                 if not math.isfinite(mean_loss):
                     raise DivergedError(f"loss became {mean_loss} in epoch {epoch + 1}, step {i + 1}; the last "
                                         f"good checkpoint is {self.out / 'last.npz'} (try a lower --lr)")
-                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{float(correct) / seen:.3f}",
+                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{host_correct / seen:.3f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
             bar.update(1)
         backend.synchronize()
         bar.close()
         seconds = time.perf_counter() - start
-        return {"train_loss": float(loss_sum) / seen, "train_acc": float(correct) / seen,
+        return {"train_loss": host_loss / seen, "train_acc": host_correct / seen,
                 "seconds": seconds, "images_per_s": seen / seconds, "lr": opt.lr}
 
     def fit(self):

@@ -1,29 +1,50 @@
-"""Shared fixtures: every test that takes `xp` runs once per backend; the CuPy run skips with
-a reason when CuPy or a GPU is absent."""
+"""Shared fixtures: every test that takes `xp` runs three ways: `numpy`; `cupy-emulated`, the
+strict NumPy-backed stand-in for CuPy 14.2 in tests/emulated_cupy (always, CI included); and
+`cupy`, the real one, which skips with a reason where CuPy or a GPU is absent."""
+import contextlib
+
 import numpy as np
 import pytest
 
 from minicvt import backend
 
+import cupy_emulation
+
 _CUPY_OK = None
 
 
-def _cupy_ok():
+def real_cupy_ok():
     global _CUPY_OK
     if _CUPY_OK is None:
         _CUPY_OK = backend.cupy_available()
     return _CUPY_OK
 
 
-@pytest.fixture(params=["numpy", "cupy"])
+@pytest.fixture(params=["numpy", "cupy-emulated", "cupy"])
 def xp(request):
     """The array module of the backend under test; the backend is active during the test."""
-    if request.param == "cupy" and not _cupy_ok():
-        pytest.skip("CuPy or a GPU is not available")
+    if request.param == "cupy" and not real_cupy_ok():
+        pytest.skip("CuPy or a GPU is not available (the cupy-emulated case ran instead)")
     previous = backend.get_backend()
-    module = backend.set_backend(request.param)
-    yield module
-    backend.set_backend(previous)
+    with cupy_emulation.emulated() if request.param == "cupy-emulated" else contextlib.nullcontext():
+        module = backend.set_backend("numpy" if request.param == "numpy" else "cupy")
+        try:
+            yield module
+        finally:
+            backend.set_backend(previous)
+
+
+@pytest.fixture
+def emulated_cupy():
+    """The emulated CuPy as the active backend (for tests that are about the emulation or the
+    GPU path's transfers); yields the emulation's ledger module (no_sync, counting, allocations)."""
+    previous = backend.get_backend()
+    with cupy_emulation.emulated():
+        backend.set_backend("cupy")
+        try:
+            yield cupy_emulation.ledger()
+        finally:
+            backend.set_backend(previous)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import cupy_emulation
 import minicvt
 from minicvt import backend, cli
 
@@ -23,10 +24,10 @@ def restore_backend():
     backend.set_backend(previous)
 
 
-def _assert_check_output(out):
+def _assert_check_output(out, name="numpy"):
     """A header, then one `ok` line per checked layer, then the verdict."""
     lines = out.strip().splitlines()
-    assert lines[0].startswith("float64 gradient checks on backend 'numpy'"), out
+    assert lines[0].startswith(f"float64 gradient checks on backend '{name}'"), out
     results = lines[1:-1]
     assert all(line.split()[0] == "ok" and "max rel_error" in line for line in results), out
     for family in FAMILIES:
@@ -50,6 +51,19 @@ def test_check_as_python_module():
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     _assert_check_output(proc.stdout)
+
+
+def test_check_on_cupy_as_a_user_runs_it():
+    """`MINICVT_BACKEND=cupy python -m minicvt check` in a fresh process, `import cupy` giving the
+    emulated CuPy (tests/emulated_cupy on PYTHONPATH) where no real one is installed."""
+    env = cupy_emulation.subprocess_env(MINICVT_BACKEND="cupy")
+    if backend.cupy_available():
+        env = {**os.environ, "MINICVT_BACKEND": "cupy"}                 # the real GPU
+    root = Path(minicvt.__file__).parent.parent
+    proc = subprocess.run([sys.executable, "-m", "minicvt", "check"], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    _assert_check_output(proc.stdout, "cupy")
 
 
 def test_check_fails_loudly_on_a_wrong_gradient(capsys, monkeypatch, restore_backend):

@@ -150,9 +150,10 @@ def test_train_then_eval_prints_the_accuracy_of_a_direct_forward_pass(folder, tm
     assert acc == f"{records[0]['val_acc']:.4f}"
 
 
-def test_resume_continues_an_interrupted_run(folder, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "run"
-    argv = train_argv(folder, out, epochs=2, optimizer="sgd", lr=0.05, limit_train=3)   # 1 step/epoch
+def test_resume_continues_an_interrupted_run(folder, tmp_path, capsys, monkeypatch, xp):
+    out, name = tmp_path / "run", backend.get_backend()
+    argv = train_argv(folder, out, epochs=2, optimizer="sgd", lr=0.05, limit_train=3,   # 1 step/epoch
+                      backend=name)
     real_epoch = Trainer.train_epoch
 
     def ctrl_c_in_epoch_2(self, epoch):
@@ -168,7 +169,7 @@ def test_resume_continues_an_interrupted_run(folder, tmp_path, capsys, monkeypat
 
     monkeypatch.undo()
     # the settings come from the checkpoint; a flag that agrees with them is accepted
-    assert main("train", "--resume", "--out", out, "--lr", "0.05", "--quiet") == 0
+    assert main("train", "--resume", "--out", out, "--lr", "0.05", "--quiet", "--backend", name) == 0
     printed = capsys.readouterr().out
     assert f"resumed from {out / 'last.npz'} after epoch 1" in printed
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+import cupy_emulation
+
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("*.ipynb"))
@@ -146,14 +148,17 @@ def _data_source(nb):
     return [_shown(c) for c in nb["cells"] if "data-source" in _tags(c)]
 
 
-def _execute(path):
-    """The notebook at path, run in a new kernel: at most NOTEBOOK_BUDGET_S seconds for all cells."""
+def _execute(path, emulated_cupy=False):
+    """The notebook at path, run in a new kernel: at most NOTEBOOK_BUDGET_S seconds for all cells.
+    emulated_cupy: the kernel's `import cupy` gives the emulated CuPy (tests/emulated_cupy), so
+    the GPU cells run."""
     need = "the notebook tests need nbformat, nbclient and ipykernel: pip install -e '.[test]'"
     nbformat = pytest.importorskip("nbformat", reason=need)
     nbclient = pytest.importorskip("nbclient", reason=need)
     pytest.importorskip("ipykernel", reason=need)
     # without MPLBACKEND, which would override the kernel's inline backend (no figures with Agg)
-    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    env = {k: v for k, v in (cupy_emulation.subprocess_env() if emulated_cupy else os.environ).items()
+           if k != "MPLBACKEND"}
     node = nbformat.read(path, as_version=4)
     deadline = time.monotonic() + NOTEBOOK_BUDGET_S
     client = nbclient.NotebookClient(
@@ -185,3 +190,15 @@ def test_notebook_runs_and_outputs_are_fresh(path):
             stale.append(f"cell {index} ({_source(old).splitlines()[0]!r}):\n" + "\n".join(diff))
     assert not stale, (f"{path.name} has stale outputs; refresh with `python3 notebooks/refresh.py "
                        f"{path.name}` and commit the result:\n\n" + "\n\n".join(stale))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_gpu_cells_run_on_the_emulated_cupy(path):
+    """Each notebook again, with `import cupy` giving the emulated CuPy: its GPU cells take their
+    GPU branch (no "skipped"), and every cell, GPU or not, runs without an error."""
+    fresh = _execute(path, emulated_cupy=True)
+    gpu = [c for c in fresh["cells"] if c["cell_type"] == "code" and "gpu" in _tags(c)]
+    printed = ["".join(_text(o.get("text", "")) for o in c.get("outputs", []) if o.get("name") == "stdout")
+               for c in gpu]
+    assert gpu and all(printed), f"{path.name}: a GPU cell printed nothing"
+    assert not [p for p in printed if "skipped" in p or "no GPU" in p], printed

@@ -9,11 +9,12 @@ from minicvt.optim import SGD, AdamW, clip_grad_norm, cosine_lr, decays
 
 
 def _params(xp):
-    """Named parameters shaped like a model's: a kernel, a bias, a norm scale, a class token."""
+    """Named parameters shaped like a model's: a kernel, a bias, a norm scale, a class token,
+    as arrays of module xp (numpy for the PyTorch reference, whatever the active backend)."""
     rng = np.random.default_rng(0)
     shapes = {"conv.weight": (3, 2, 3, 3), "conv.bias": (3,), "norm.weight": (3,),
               "stage2.cls_token": (1, 1, 3), "fc.weight": (4, 3)}
-    return [(n, nn.Parameter(backend.to_device(rng.standard_normal(s)))) for n, s in shapes.items()]
+    return [(n, nn.Parameter(xp.asarray(rng.standard_normal(s)))) for n, s in shapes.items()]
 
 
 def _grads(step, params):

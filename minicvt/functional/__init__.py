@@ -10,7 +10,7 @@ from .conv import (col2im, conv2d_backward, conv2d_forward, conv_output_size,
                    depthwise_conv2d_backward, depthwise_conv2d_forward, im2col)
 from .dropout import dropout_backward, dropout_forward, dropout_mask
 from .linear import linear_backward, linear_forward
-from .loss import cross_entropy_backward, cross_entropy_forward
+from .loss import cross_entropy_backward, cross_entropy_forward, label_errors
 from .norm import (batchnorm2d_backward, batchnorm2d_forward, layernorm_backward, layernorm_forward,
                    layernorm_inference)
 from .pool import (avg_pool2d_backward, avg_pool2d_forward, pool_output_size, token_mean_backward,

@@ -225,8 +225,14 @@ def _windows(xpad, kernel, stride, out_hw, channels_last, window):
     (N, OH, OW, C, kh, kw) channels last, (N, C, OH, OW, kh, kw) otherwise."""
     xp = get_array_module(xpad)
     (sh, sw), (OH, OW) = stride, out_hw
-    axes = _map_axes(channels_last)
-    windows = xp.lib.stride_tricks.sliding_window_view(xpad, kernel, axis=axes)
+    hw = _map_axes(channels_last)
+    # NumPy's sliding_window_view, written out: the window axes step as the map axes do. (CuPy's
+    # sliding_window_view copies the window shape to the GPU and reads it back, two waits a call.)
+    shape = list(xpad.shape) + list(kernel)
+    for axis, k in zip(hw, kernel):
+        shape[axis] -= k - 1
+    strides = tuple(xpad.strides) + tuple(xpad.strides[axis] for axis in hw)
+    windows = xp.lib.stride_tricks.as_strided(xpad, tuple(shape), strides)
     return windows[window(slice(0, sh * OH, sh), slice(0, sw * OW, sw))]
 
 
@@ -259,9 +265,9 @@ def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=Fa
     # one einsum sums window * filter per channel in a single pass, where a loop over the
     # kh*kw offsets would make two passes over the output for each (2 to 4x slower on the CPU)
     windows = _windows(xpad, (kh, kw), (sh, sw), (OH, OW), channels_last, window)
-    spec, filters = _window_product(w[:, 0], channels_last)
     out = xp.empty((N, OH, OW, C) if channels_last else (N, C, OH, OW), x.dtype)
-    parallel.rows(_einsum_rows, (windows, out), spec, filters, None if b is None else b.reshape(wshape))
+    parallel.rows(_window_sums, (windows, out), _filters(w[:, 0], channels_last), channels_last,
+                  None if b is None else b.reshape(wshape))
     cache = (x.shape, xpad, w, b is not None, (sh, sw), (ph, pw), channels_last)
     return out, cache
 
@@ -279,19 +285,18 @@ def depthwise_conv2d_backward(dout, cache):
     # forward's one einsum again. Other strides: add dout * w into every offset's strided view.
     flipped = (sh, sw) == (1, 1) and ph < kh and pw < kw
     if flipped:
-        spec_dx, filters = _window_product(w[:, 0, ::-1, ::-1], channels_last)
+        filters = _filters(w[:, 0, ::-1, ::-1], channels_last)
         dx = xp.empty(x_shape, dout.dtype)
     else:
         dx = xp.empty_like(xpad)                            # the padded dx, cropped at the end
 
     def block(windows, dout, dx):           # a block of images: dx, and its share of dw and db
-        # dw[c, i, j] = sum over n and the output grid of dout * window[..., i, j]: one einsum
-        # over the forward's windows (a view again), without a product array of dout's size
-        dw = xp.einsum("nhwcij,nhwc->cij" if channels_last else "nchwij,nchw->cij", windows, dout)
+        # dw[c, i, j] = sum over n and the output grid of dout * window[..., i, j]
+        dw = _window_dots(windows, dout, channels_last)
         if flipped:
             dwindows = _windows(_pad(dout, kh - 1 - ph, kw - 1 - pw, channels_last), (kh, kw), (1, 1),
                                 (H, W), channels_last, window)
-            backend.einsum(spec_dx, dwindows, filters, out=dx)
+            _window_sums(dwindows, dx, filters, channels_last)
         else:           # the adjoint of "take the strided view of offset (i, j)" is "add into it"
             dx[...] = 0
             tmp = xp.empty_like(dout)
@@ -308,18 +313,50 @@ def depthwise_conv2d_backward(dout, cache):
     return dx, dw[:, None], db                              # dw (C, kh, kw) -> (C, 1, kh, kw)
 
 
-def _window_product(filters, channels_last):
-    """The einsum of "each window times its channel's filter, summed", and the filters
-    (C, kh, kw) in the layout it wants: channels last, (kh, kw, C), channels innermost as in
-    the windows."""
+def _filters(filters, channels_last):
+    """The filters (C, kh, kw) in the layout of the windows: channels last, (kh, kw, C)."""
     xp = get_array_module(filters)
-    if channels_last:
-        return "nhwcij,ijc->nhwc", xp.ascontiguousarray(filters.transpose(1, 2, 0))
-    return "nchwij,cij->nchw", filters
+    return xp.ascontiguousarray(filters.transpose(1, 2, 0)) if channels_last else filters
 
 
-def _einsum_rows(a, out, spec, b, bias=None):
-    """A block of images: out = einsum(spec, a, b) (+ bias), a and out split along the batch."""
-    backend.einsum(spec, a, b, out=out)
+# Each window times its channel's filter, summed over the kernel offsets: out[..., c] =
+# sum_ij windows[..., c, i, j] * filters[c, i, j]. On NumPy that is one einsum, a single pass
+# with no product array (2 to 4x faster on the CPU than a loop over the offsets, which makes
+# two passes over the output for each). CuPy's einsum would rewrite it as a batched matrix
+# product after copying the windows out, kh*kw times the output's size (measured under the
+# emulated CuPy: docs/backend.md), so on the GPU it is the loop over the offsets, with one
+# temporary of the output's size.
+
+def _window_sums(windows, out, filters, channels_last, bias=None):
+    """A block of images: out = sum_ij windows[..., i, j] * filters[i, j] (+ bias); windows
+    (n, OH, OW, C, kh, kw) and filters (kh, kw, C) channels last, else (n, C, OH, OW, kh, kw)
+    and (C, kh, kw)."""
+    if backend.is_cupy_array(out):
+        xp = get_array_module(out)
+        kh, kw = windows.shape[-2:]
+        tmp = None
+        for i in range(kh):
+            for j in range(kw):
+                f = filters[i, j] if channels_last else filters[:, i, j].reshape(-1, 1, 1)
+                if i == 0 and j == 0:
+                    xp.multiply(windows[..., 0, 0], f, out=out)
+                else:
+                    tmp = xp.multiply(windows[..., i, j], f, out=tmp)
+                    out += tmp
+    else:
+        backend.einsum("nhwcij,ijc->nhwc" if channels_last else "nchwij,cij->nchw", windows, filters, out=out)
     if bias is not None:
         out += bias
+
+
+def _window_dots(windows, dout, channels_last):
+    """dw (C, kh, kw): dw[c, i, j] = sum over images and the output grid of dout *
+    windows[..., i, j]. NumPy: one einsum over the forward's windows (a view), without a
+    product array of dout's size; CuPy: the product and a sum for each offset (as above)."""
+    xp = get_array_module(dout)
+    if backend.is_cupy_array(dout):
+        kh, kw = windows.shape[-2:]
+        axes = (0, 1, 2) if channels_last else (0, 2, 3)
+        sums = [(windows[..., i, j] * dout).sum(axis=axes) for i in range(kh) for j in range(kw)]
+        return xp.stack(sums, axis=1).reshape(-1, kh, kw)               # (C, kh*kw) -> (C, kh, kw)
+    return xp.einsum("nhwcij,nhwc->cij" if channels_last else "nchwij,nchw->cij", windows, dout)

@@ -5,7 +5,7 @@ Both normalise xhat = (x - mean) / sqrt(var + eps) with the biased variance, the
 gamma * xhat + beta (PyTorch's weight and bias). Derivations: docs/norm.md.
 """
 from .. import parallel
-from ..backend import get_array_module
+from ..backend import get_array_module, sum_of_products
 from ._checks import check_float, check_ndim, check_shape
 
 
@@ -51,7 +51,7 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
 
         def centre(x, xc):                                          # xc = x - mean, its sum of squares
             xp.subtract(x, mean.reshape(shape), out=xc)
-            return xp.einsum(spec, xc, xc)
+            return sum_of_products(spec, xc, xc)
 
         var = parallel.total(parallel.rows(centre, (x, xc), pieces=True)) / M                      # (C,) biased
         new_mean = (1.0 - momentum) * running_mean + momentum * mean
@@ -75,8 +75,8 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
 def _bn_axes(x_shape, channels_last):
     """The axes BatchNorm reduces over (all but the channels), the shape that broadcasts a
     per-channel (C,) vector against x ((C, 1, 1) for (N, C, H, W), (C,) for (N, H, W, C)),
-    and the einsum of a per-channel sum of products, which multiplies and adds in one pass
-    without a product array of x's size."""
+    and the einsum spec of a per-channel sum of products (backend.sum_of_products: on NumPy
+    one pass without a product array of x's size)."""
     if channels_last:
         return (0, 1, 2), (x_shape[-1],), "nhwc,nhwc->c"
     return (0, 2, 3), (x_shape[1], 1, 1), "nchw,nchw->c"
@@ -89,7 +89,7 @@ def batchnorm2d_backward(dout, cache):
     xp = get_array_module(dout)
     # dgamma = sum(dout * xhat) = rstd * sum(dout * xc), a block of images per CPU thread
     dgamma, dbeta = parallel.total(parallel.rows(
-        lambda dout, xc: (xp.einsum(spec, dout, xc), dout.sum(axis=axes)), (dout, xc)))
+        lambda dout, xc: (sum_of_products(spec, dout, xc), dout.sum(axis=axes)), (dout, xc)))
     dgamma *= rstd
     g = (gamma * rstd).reshape(shape)
     dx = xp.empty(dout.shape, dout.dtype)
@@ -155,7 +155,8 @@ def _layernorm_rows(x, xhat, rstd, out, gamma, beta, eps):
     itself (layernorm_inference): out = xhat * gamma is then a multiplication in place."""
     xp = get_array_module(x)
     xp.subtract(x, _row_means(x), out=xhat)                              # centred
-    # the sum of squares is an einsum, which multiplies and adds in one pass with no product array
+    # the sum of squares is an einsum, which multiplies and adds in one pass with no product
+    # array (CuPy's makes it a batched matrix product of contiguous rows: no temporaries either)
     rstd[:, 0] = xp.einsum("mc,mc->m", xhat, xhat)
     rstd /= x.shape[-1]                                                 # biased variance
     rstd += eps
@@ -182,8 +183,8 @@ def _layernorm_grad_rows(dout, xhat, rstd, dx, gamma):
     dgamma and dbeta (sums over its rows)."""
     xp = get_array_module(dout)
     C = gamma.shape[0]
-    # sums of products as einsum: one pass, no product array
-    dgamma = xp.einsum("mc,mc->c", dout, xhat)
+    # a sum of products as einsum on NumPy: one pass, no product array
+    dgamma = sum_of_products("mc,mc->c", dout, xhat)
     dbeta = dout.sum(axis=0)
     dxhat = dout * gamma                                            # (M, C)
     # same form as BatchNorm's, with means over the channel axis of each token:

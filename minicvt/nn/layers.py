@@ -303,14 +303,16 @@ class ScaledDotProductAttention(Module):
 
 
 class CrossEntropyLoss(Module):
-    """forward(logits (N, K), labels (N,)) -> scalar loss; backward(dloss=1.0) -> dlogits (N, K)."""
+    """forward(logits (N, K), labels (N,)) -> scalar loss; backward(dloss=1.0) -> dlogits (N, K).
+    check_labels=False reads nothing back from the GPU: out-of-range labels give a NaN loss,
+    and the caller counts them with F.label_errors (F.cross_entropy_forward says more)."""
 
-    def __init__(self, label_smoothing=0.0):
+    def __init__(self, label_smoothing=0.0, check_labels=True):
         super().__init__()
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.check_labels = label_smoothing, check_labels
 
     def forward(self, logits, labels):
-        loss, cache = F.cross_entropy_forward(logits, labels, self.label_smoothing)
+        loss, cache = F.cross_entropy_forward(logits, labels, self.label_smoothing, self.check_labels)
         self._save(cache)
         return loss
 

@@ -1,0 +1,248 @@
+"""The emulated CuPy (tests/emulated_cupy) and what it proves about minicvt's GPU path.
+
+First, that the emulation behaves as CuPy 14.2 does where NumPy code breaks on a GPU (names,
+signatures, host conversions, wrapped indices, read-backs). Then the GPU-path findings, each a
+test that failed on the code before its fix: transfers inside the depthwise convolution and
+`evaluate`, the label check, what CuPy's einsum allocates, one random generator per module.
+Last, a whole cvt-cifar-s training step and an inference forward with no device-to-host
+transfer at all, and the trainer reading back once per logging interval.
+"""
+import json
+
+import numpy as np
+import pytest
+
+import cupy_emulation
+from minicvt import backend, nn
+from minicvt import functional as F
+from minicvt.models import build_model, get_config
+from minicvt.optim import AdamW, clip_grad_norm
+
+
+def dev(a, dtype=None):
+    return backend.to_device(np.asarray(a), dtype=dtype)
+
+
+# -- the emulation itself -----------------------------------------------------------------------
+
+def test_manifest_is_recorded_from_cupy_14_2():
+    m = json.loads((cupy_emulation.DIR / "manifest.json").read_text())
+    assert m["cupy"] == "14.2.0"
+    assert len(m["namespaces"]["cupy"]) > 400 and "einsum" in m["namespaces"]["cupy"]
+    get = m["classes"]["cupy.ndarray"]["get"]["signature"]
+    assert [p[0] for p in get] == ["self", "stream", "order", "out", "blocking"]
+
+
+def test_only_cupys_names_and_signatures(emulated_cupy):
+    cp = backend.xp()
+    a = dev(np.ones((2, 3)))
+    for name in ("geomspace", "insert", "nanpercentile", "vecdot"):      # NumPy has them, CuPy not
+        assert hasattr(np, name)
+        with pytest.raises(AttributeError, match=f"no attribute '{name}'"):
+            getattr(cp, name)
+    with pytest.raises(TypeError, match="out"):                         # CuPy's einsum has no out=
+        cp.einsum("ij->i", a, out=cp.empty(2))
+    with pytest.raises(TypeError, match="like"):                        # NumPy's zeros has like=
+        cp.zeros((2,), like=a)
+    with pytest.raises(TypeError, match="where"):                       # CuPy's ufuncs: no where=
+        cp.add(a, a, where=a > 0)
+    with pytest.raises(AttributeError, match="itemset"):                # an ndarray method NumPy 1 had
+        a.itemset(0, 1.0)
+
+
+def test_host_conversions_and_host_operands_raise(emulated_cupy):
+    cp = backend.xp()
+    a = dev(np.arange(6.0).reshape(2, 3))
+    assert not isinstance(a, np.ndarray) and backend.is_cupy_array(a)
+    with pytest.raises(TypeError, match="Implicit conversion to a NumPy array is not allowed"):
+        np.asarray(a)
+    with pytest.raises(TypeError, match="Unsupported type <class 'numpy.ndarray'>"):
+        a + np.ones(3)
+    with pytest.raises(TypeError, match="Unsupported type <class 'numpy.ndarray'>"):
+        np.ones(3) * a
+    with pytest.raises(ValueError, match="non-scalar numpy.ndarray cannot be used for fill"):
+        a[0] = np.ones(3)
+    with pytest.raises(TypeError, match="NumPy array on the host"):
+        cp.concatenate([a, np.ones((1, 3))])
+    a[0] = np.float64(2.0)                                  # NumPy scalars are fine, as in CuPy
+    assert type(np.exp(a)).__module__ == "cupy"             # NumPy's functions dispatch to CuPy's
+
+
+def test_indices_wrap_and_reductions_stay_on_the_device(emulated_cupy):
+    cp = backend.xp()
+    a = dev(np.array([10.0, 20.0, 30.0]))
+    assert backend.to_numpy(a[dev(np.array([3, -4]))]).tolist() == [10.0, 30.0]      # wrapped
+    assert backend.to_numpy(cp.take(a, dev(np.array([4])))).tolist() == [20.0]
+    a[dev(np.array([5]))] = 0.0
+    assert backend.to_numpy(a).tolist() == [10.0, 20.0, 0.0]
+    s = a.sum()
+    assert backend.is_cupy_array(s) and s.shape == ()                 # a 0-d device array
+    with pytest.raises(IndexError):
+        a[3]                                                          # a plain int still checks
+
+
+def test_transfers_are_counted_by_line_and_refused_in_no_sync(emulated_cupy):
+    a = dev(np.arange(4.0))
+    with emulated_cupy.counting() as made:
+        float(a.sum()); a.get(); a.tolist(); bool(a[0] > 1); str(a)   # noqa: E702  (one line)
+    kinds = sorted(kind for (_, kind) in made)
+    assert kinds == [".get()", ".tolist()", "bool()", "float()", "str()"]
+    line = test_transfers_are_counted_by_line_and_refused_in_no_sync.__code__.co_firstlineno + 3
+    assert {site.split(" ")[0].rsplit("/", 1)[-1] for (site, _) in made} == {f"test_cupy_emulation.py:{line}"}
+    with emulated_cupy.no_sync():
+        b = a * 2 + 1                                   # device work is fine
+        with pytest.raises(emulated_cupy.TransferError, match=r"\(float\(\)\) at .*test_cupy_emulation.py:\d+"):
+            float(b.sum())
+
+
+@pytest.mark.parametrize("call, reads", [
+    ("bincount", 2), ("sliding_window_view", 2), ("nonzero", 1), ("mask", 1), ("where1", 1)])
+def test_functions_that_read_back_inside(emulated_cupy, call, reads):
+    cp = backend.xp()
+    i, x = dev(np.array([0, 2, 2])), dev(np.ones((5, 5)))
+    run = {"bincount": lambda: cp.bincount(i, minlength=4),
+           "sliding_window_view": lambda: cp.lib.stride_tricks.sliding_window_view(x, (3, 3)),
+           "nonzero": lambda: cp.nonzero(i), "mask": lambda: x[x > 0], "where1": lambda: cp.where(i)}[call]
+    with emulated_cupy.counting() as made:
+        run()
+    assert sum(made.values()) == reads
+
+
+def test_einsum_model_counts_cupys_temporaries(emulated_cupy):
+    cp = backend.xp()
+    a = dev(np.ones((64, 8)), dtype=np.float32)
+    for spec, temporaries in (("mc,mc->m", 0), ("mc,mc->c", 2 * a.nbytes), ("mc->c", 0)):
+        with emulated_cupy.allocations() as st:
+            r = cp.einsum(spec, a, a) if "," in spec else cp.einsum(spec, a)
+        assert st["allocated"] - r.nbytes == temporaries, spec
+
+
+# -- the GPU path's findings, each failing on the code before its fix ----------------------------
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_convolution_makes_no_transfer(emulated_cupy, rand, channels_last, stride):
+    """CuPy's sliding_window_view read its window shape back twice a call (70 waits a step)."""
+    x = rand(2, 6, 6, 4) if channels_last else rand(2, 4, 6, 6)
+    w = rand(4, 1, 3, 3)
+    with emulated_cupy.no_sync():
+        out, cache = F.depthwise_conv2d_forward(x, w, rand(4), stride, 1, channels_last)
+        F.depthwise_conv2d_backward(out * 1.0, cache)
+
+
+def test_depthwise_and_norms_allocate_little_on_cupy(emulated_cupy, rand):
+    """CuPy's einsum copies the 3x3 windows out before its batched matmul (a peak of 11.6x the
+    output's bytes in the depthwise forward, before the fix) and copies both operands of a
+    per-channel sum of products (one x more in BatchNorm and in LayerNorm's backward). The
+    peaks below are each call's most live bytes at once, in units of x (4, 8, 8, 16)."""
+    x, w = rand(4, 8, 8, 16, dtype=np.float32), rand(16, 1, 3, 3, dtype=np.float32)
+    gamma, beta = rand(16, dtype=np.float32), rand(16, dtype=np.float32)
+    mean, var = backend.xp().zeros(16, np.float32), backend.xp().ones(16, np.float32)
+    peaks = {}
+
+    def peak(name, call):
+        with emulated_cupy.allocations() as st:
+            result = call()
+        peaks[name] = st["peak"] / x.nbytes
+        return result
+
+    out, cache = peak("depthwise", lambda: F.depthwise_conv2d_forward(x, w, None, 1, 1, channels_last=True))
+    padded = cache[1].nbytes / x.nbytes                                 # 1.56: (10, 10) of (8, 8)
+    peak("depthwise backward", lambda: F.depthwise_conv2d_backward(out, cache))
+    y, bn_cache, _ = peak("batchnorm", lambda: F.batchnorm2d_forward(x, gamma, beta, mean, var, True,
+                                                                     channels_last=True))
+    peak("batchnorm backward", lambda: F.batchnorm2d_backward(y, bn_cache))
+    y, ln_cache = peak("layernorm", lambda: F.layernorm_forward(x, gamma, beta))
+    peak("layernorm backward", lambda: F.layernorm_backward(y, ln_cache))
+    limits = {"depthwise": padded + 2.05,            # the padded x, out, one temporary
+              "depthwise backward": 3.7,             # padded dout, dx, one temporary for dw
+              "batchnorm": 2.05, "batchnorm backward": 1.05,      # xc and out; dx
+              "layernorm": 2.2, "layernorm backward": 2.2}        # xhat and out; dx and dxhat
+    assert {k: v for k, v in peaks.items() if v > limits[k]} == {}, peaks
+
+
+def test_cross_entropy_label_check_without_read_back(emulated_cupy, rand):
+    """check_labels=False reads nothing back; an out-of-range label gives NaN, never another
+    class (CuPy would wrap label 5 of 5 classes to class 0 and train towards it silently)."""
+    logits, labels = rand(3, 5), dev(np.array([0, 5, 2]))
+    with emulated_cupy.no_sync():
+        loss, cache = F.cross_entropy_forward(logits, labels, 0.1, check_labels=False)
+        dlogits = F.cross_entropy_backward(1.0, cache)
+        bad = F.label_errors(labels, 5)
+    assert np.isnan(float(loss)) and int(bad) == 1
+    assert np.isnan(backend.to_numpy(dlogits)[1]).all() and np.isfinite(backend.to_numpy(dlogits)[[0, 2]]).all()
+    good = dev(np.array([0, 4, 2]))
+    with emulated_cupy.no_sync():
+        loss_deferred, _ = F.cross_entropy_forward(logits, good, 0.1, check_labels=False)
+    loss_checked, _ = F.cross_entropy_forward(logits, good, 0.1)
+    assert float(loss_deferred) == float(loss_checked)
+
+
+# -- a whole step --------------------------------------------------------------------------------
+
+@pytest.fixture
+def cifar_s(emulated_cupy):
+    model = build_model(get_config("cvt-cifar-s"), seed=0)
+    rng = np.random.default_rng(0)
+    x = dev(rng.standard_normal((4, 3, 32, 32)), dtype=np.float32)
+    y = dev(rng.integers(0, 10, 4))
+    return model, x, y
+
+
+def test_a_training_step_makes_no_transfer(emulated_cupy, cifar_s):
+    """Forward, loss with label smoothing, backward, gradient clipping and AdamW on cvt-cifar-s,
+    with every device-to-host transfer an error."""
+    model, x, y = cifar_s
+    model.train()
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1, check_labels=False)
+    opt = AdamW(list(model.named_parameters()), lr=1e-3)
+    before = backend.to_numpy(model.head.weight.data).copy()
+    with emulated_cupy.counting() as made, emulated_cupy.no_sync():
+        model.zero_grad()
+        logits = model.forward(x)
+        loss = criterion.forward(logits, y)
+        model.backward(criterion.backward())
+        clip_grad_norm(model.parameters(), 1.0)
+        opt.step()
+        bad = F.label_errors(y, 10)
+    assert not made
+    assert np.isfinite(float(loss)) and int(bad) == 0
+    assert not np.array_equal(backend.to_numpy(model.head.weight.data), before)
+
+
+def test_an_inference_forward_makes_no_transfer(emulated_cupy, cifar_s):
+    model, x, _ = cifar_s
+    model.eval()
+    with emulated_cupy.no_sync(), nn.no_grad():
+        logits = model.forward(x)
+    assert logits.shape == (4, 10)
+
+
+def test_one_random_generator_per_epoch(emulated_cupy):
+    """Every dropout and drop-path module shares one stream per epoch, made at its first draw
+    (before: a generator per module per epoch, 34 in cvt-cifar-s, each with its own state)."""
+    from minicvt.train import reseed_dropout
+    model = build_model(get_config("cvt-cifar-s"), seed=0)          # drop path 0.1 in stage 2
+    made = emulated_cupy.generators_made
+    reseed_dropout(model, 1)
+    model.train()
+    with nn.no_grad():
+        model.forward(dev(np.zeros((2, 3, 32, 32)), dtype=np.float32))
+    assert emulated_cupy.generators_made - made == 1
+
+
+def test_the_trainer_reads_back_once_per_logging_interval(emulated_cupy, tmp_path):
+    """An epoch of 4 steps logging every 2 reads the device twice (loss, accuracy and the bad-label
+    count in one transfer each time); evaluation once at the end, however many batches."""
+    from test_train import make_trainer, tiny_run, write_image_folder
+    from minicvt.train import evaluate
+    folder = write_image_folder(tmp_path / "images")
+    trainer = make_trainer(tiny_run(folder, epochs=1, eval_batch_size=4), tmp_path / "run")
+    trainer.log_every = 2
+    with emulated_cupy.counting() as made:
+        record = trainer.train_epoch(0)
+    assert sum(made.values()) == 2 and all("minicvt/train.py" in site for site, _ in made)
+    assert np.isfinite(record["train_loss"])
+    with emulated_cupy.counting() as made:
+        evaluate(trainer.model, trainer.val_loader, 3)          # 12 images: 3 batches
+    assert sum(made.values()) == 1
