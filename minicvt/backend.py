@@ -85,7 +85,10 @@ def set_backend(name):
 def get_backend():
     """Name of the active backend; on first use it is read from MINICVT_BACKEND (default numpy)."""
     if _state["name"] is None:
-        set_backend(os.environ.get("MINICVT_BACKEND", "numpy").strip().lower() or "numpy")
+        name = os.environ.get("MINICVT_BACKEND", "numpy").strip().lower() or "numpy"
+        if name not in _NAMES:
+            raise ValueError(f"MINICVT_BACKEND={name!r} is not a backend: set it to one of {_NAMES}")
+        set_backend(name)
     return _state["name"]
 
 

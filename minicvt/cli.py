@@ -4,13 +4,16 @@
     minicvt summary --config NAME            per-stage tokens, channels, parameters, MACs
     minicvt train --data PATH [options]      train a CvT; --resume continues an interrupted run
     minicvt eval --checkpoint CKPT --data PATH   accuracy and a per-class table
+    minicvt predict (--pretrained FOLDER | --checkpoint CKPT) --images FILE ...   the top 5 classes
     minicvt attention --checkpoint CKPT (--data PATH | --images FILE ...) --out FIG.png
+    minicvt attention --pretrained FOLDER --images FILE ... --out FIG.png
                                              attention maps (docs/attention_maps.md)
 
 Errors print one line on stderr and exit non-zero.
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -100,10 +103,13 @@ def cmd_train(args):
             raise CheckpointError(f"{last} holds no optimiser state (best.npz and inference copies are "
                                   f"saved without it); --resume needs the last.npz its run wrote")
         saved = meta["train_config"]
-        clash = {k: (saved[k], v) for k, v in given.items() if saved.get(k) != v}
+        clash = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
         if clash:
             raise ValueError(f"--resume: these flags differ from the run in {args.out} "
-                             f"(saved, given): {clash}")
+                             f"(saved, given): {clash}. --resume continues an interrupted run with "
+                             f"its own settings; to train a finished run further, start a new run "
+                             f"from its weights: minicvt train --init-from {last} --out NEW_FOLDER "
+                             f"(with --data, --epochs and any other settings)")
         tc = TrainConfig(**saved)
     else:
         tc = TrainConfig(**given)
@@ -124,9 +130,9 @@ def cmd_eval(args):
     from .train import evaluate_checkpoint
 
     backend.set_backend(args.backend)
-    loss, acc, per_class, classes, n = evaluate_checkpoint(args.checkpoint, args.data, args.split,
-                                                          args.batch_size, cache_dir=args.cache_dir)
-    print(f"{args.checkpoint} on {args.data} ({args.split} split, {n} images): "
+    loss, acc, per_class, classes, n, split = evaluate_checkpoint(
+        args.checkpoint, args.data, args.split, args.batch_size, cache_dir=args.cache_dir, progress=True)
+    print(f"{args.checkpoint} on {args.data} ({split} split, {n} images): "
           f"accuracy {acc:.4f}, loss {loss:.4f}")
     print(f"{'class':<14}accuracy")
     for name, a in zip(classes, per_class):
@@ -141,31 +147,69 @@ def cmd_attention(args):
     backend.set_backend(args.backend)
     paths = attention_figures(args.checkpoint, args.out, args.kind, data_path=args.data,
                               split=args.split, image_files=args.images, index=args.index,
-                              query=args.query, cache_dir=args.cache_dir)
+                              query=args.query, cache_dir=args.cache_dir, pretrained=args.pretrained)
     for p in paths:
         print(f"wrote {p}")
     return 0
 
 
+BACKEND_HELP = "array backend (default: MINICVT_BACKEND, else numpy)"
+CACHE_HELP = ("where 'cifar10' is downloaded and decoded images are cached "
+              "(default: $MINICVT_CACHE, else the user cache folder)")
+
+
+def cmd_predict(args):
+    """The top classes of each image file, with their probabilities."""
+    from .models import from_pretrained, load, prepare_images
+    from .viz import read_image_files
+    from .viz.command import predict_inputs
+
+    backend.set_backend(args.backend)
+    if (args.checkpoint is None) == (args.pretrained is None):
+        raise ValueError("give either --checkpoint (a model minicvt trained) or --pretrained (a Hugging "
+                         "Face CvT folder)")
+    if args.pretrained is not None:
+        model = from_pretrained(args.pretrained)
+        _, x = prepare_images(args.images, model.preprocessing)
+    else:
+        model = load(args.checkpoint)
+        if model.normalization is None:
+            raise ValueError(f"--checkpoint {args.checkpoint}: a bare model file has no input "
+                             f"normalisation; give a checkpoint of `minicvt train`")
+        images = read_image_files(args.images, model.config.image_size)
+        norm = model.normalization
+        x = (images / 255.0 - np.asarray(norm["mean"])[:, None, None]) / np.asarray(norm["std"])[:, None, None]
+    probs, _ = predict_inputs(model, x)
+    top = min(args.top, probs.shape[1])
+    width = max(len(c) for c in model.classes)
+    for path, p in zip(args.images, probs):
+        print(f"{path}:")
+        for k in np.argsort(-p, kind="stable")[:top]:
+            print(f"  {model.classes[k]:<{width}}  {p[k]:.4f}")
+    return 0
+
+
 def build_parser():
+    from . import __version__
+    from .models import CONFIGS
+    configs = ", ".join(CONFIGS)
     parser = argparse.ArgumentParser(prog="minicvt", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"minicvt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="prove every layer's gradients against finite differences")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default=None,
-                   help="array backend (default: MINICVT_BACKEND or numpy)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None, help=BACKEND_HELP)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random test inputs (default 0)")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("summary", help="per-stage shapes, parameters and MACs of a named config")
-    p.add_argument("--config", required=True,
-                   help="cvt-13, cvt-21, cvt-w24, cvt-cifar-s or cvt-cifar-m")
+    p.add_argument("--config", required=True, help=f"one of: {configs}")
     p.add_argument("--num-classes", type=int, default=None, help="default: the config's")
     p.add_argument("--image-size", type=int, default=None, help="square input side; default: the config's")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("train", help="train a CvT (defaults: see docs/training.md)")
-    p.add_argument("--config", dest="model", help="model config (default cvt-cifar-s)")
+    p.add_argument("--config", dest="model", help=f"model config (default cvt-cifar-s): one of {configs}")
     p.add_argument("--data", help="'cifar10' (download), the official archive, or an image folder / its tar")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None, help=BACKEND_HELP)
     p.add_argument("--epochs", type=int, help="default 30")
     p.add_argument("--batch-size", type=int, help="default 128")
     p.add_argument("--lr", type=float, help="peak learning rate (default: adamw 1e-3, sgd 0.1)")
@@ -183,26 +227,41 @@ def build_parser():
     p.add_argument("--seed", type=int, help="data split, order, augmentation, weights (default 0)")
     p.add_argument("--dtype", choices=["float32", "float64"], help="default float32")
     p.add_argument("--out", default="runs/cvt", help="output folder (checkpoints, metrics, curves)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.npz")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from "
+                   "its last.npz, with its own settings")
+    p.add_argument("--init-from", metavar="CKPT", help="start this new run from the weights of a "
+                   "checkpoint or model file (e.g. a finished run's last.npz): fine-tuning, or training "
+                   "a finished run further with a schedule of its own")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--cache-dir", help="where 'cifar10' is downloaded and decoded images are cached "
-                   "(default: $MINICVT_CACHE, else the user cache folder)")
+    p.add_argument("--cache-dir", help=CACHE_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="accuracy of a checkpoint, with a per-class table")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", choices=["val", "all", "test"], default="val",
-                   help="val: the run's held-out images of --data; all: every image; "
-                        "test: the official archive's test batch")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
-    p.add_argument("--cache-dir", help="where 'cifar10' is downloaded and decoded images are cached "
-                   "(default: $MINICVT_CACHE, else the user cache folder)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of `minicvt train` (best.npz, last.npz)")
+    p.add_argument("--data", required=True, help="'cifar10', the official archive, or an image folder / its tar")
+    p.add_argument("--split", choices=["val", "all", "test"], default=None,
+                   help="val: the run's held-out images of --data (the default on the data it was "
+                        "trained on); all: every image (the default on other data); test: the "
+                        "official archive's test batch")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default 500)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None, help=BACKEND_HELP)
+    p.add_argument("--cache-dir", help=CACHE_HELP)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("predict", help="the top classes of image files, with their probabilities")
+    p.add_argument("--pretrained", metavar="FOLDER", help="a Hugging Face CvT folder (config.json and "
+                   "model.safetensors), e.g. from `hf download microsoft/cvt-13`")
+    p.add_argument("--checkpoint", help="or a model minicvt trained (a `minicvt train` checkpoint)")
+    p.add_argument("--images", nargs="+", required=True, metavar="FILE", help="image files")
+    p.add_argument("--top", type=int, default=5, help="how many classes to show (default 5)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None, help=BACKEND_HELP)
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("attention", help="attention maps of a checkpoint (docs/attention_maps.md)")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="a checkpoint of `minicvt train` (best.npz, or the shipped "
+                   "checkpoints/cvt-cifar-s.npz)")
+    p.add_argument("--pretrained", metavar="FOLDER", help="or a Hugging Face CvT folder, with --images, "
+                   "at its own resolution (224 for microsoft/cvt-13)")
     p.add_argument("--data", help="a dataset, as for train: images are taken from it by --index")
     p.add_argument("--split", choices=["train", "test", "val"], default="test",
                    help="train/test: that part of the official CIFAR-10 archive (an image folder has "
@@ -218,22 +277,24 @@ def build_parser():
                    help="query pixel in the model's input image (default: the centre)")
     p.add_argument("--out", required=True, help="figure path (.png); query/cls with several "
                    "images write FIG-<image>.png")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default=None)
-    p.add_argument("--cache-dir", help="where 'cifar10' is downloaded and decoded images are cached "
-                   "(default: $MINICVT_CACHE, else the user cache folder)")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default=None, help=BACKEND_HELP)
+    p.add_argument("--cache-dir", help=CACHE_HELP)
     p.set_defaults(func=cmd_attention)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if getattr(args, "backend", "x") is None:
-        args.backend = backend.get_backend()
     from .checkpoint import CheckpointError
     from .data import DataError
     from .train import DivergedError
     try:
+        if getattr(args, "backend", "x") is None:       # MINICVT_BACKEND, checked like --backend
+            args.backend = backend.get_backend()
         return args.func(args)
+    except BrokenPipeError:          # `minicvt eval ... | head`: the reader is gone; end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (no error at exit's flush)
+        return 1
     except (backend.BackendError, ValueError, OSError, DataError, CheckpointError,
             DivergedError) as e:     # OSError: a file that cannot be read or written (permissions, full disk)
         # one line, even where a library's message has several (tarfile lists each method it tried)
@@ -241,9 +302,19 @@ def main(argv=None):
         print(f"minicvt {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = f"; continue with: minicvt train --resume --out {args.out}" if args.command == "train" else ""
-        print(f"minicvt {args.command}: interrupted{hint}", file=sys.stderr)
+        print(f"minicvt {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
+
+
+def _resume_hint(args):
+    """What an interrupted command can be continued with: a training run that has saved an
+    epoch resumes from it; before the first epoch is saved there is nothing to resume."""
+    if args.command != "train":
+        return ""
+    if (Path(args.out) / "last.npz").is_file():
+        return f"; continue with: minicvt train --resume --out {args.out}"
+    return (f"; nothing to resume: no epoch had finished, so {args.out} holds no checkpoint "
+            f"(run the same command again to start over)")
 
 
 if __name__ == "__main__":

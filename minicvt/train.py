@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     eval_batch_size: int = 500
+    init_from: str = ""              # start from this checkpoint's (or model file's) weights
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):
@@ -105,7 +106,7 @@ def read_back(*scalars):
     return [float(v) for v in backend.to_numpy(xp.stack(scalars))]
 
 
-def evaluate(model, loader, num_classes):
+def evaluate(model, loader, num_classes, progress=False):
     """(mean loss, accuracy, per-class accuracy (K,)) over one pass, in eval mode, no caches.
     Every sum stays on the device until one read-back at the end."""
     model.eval()
@@ -114,8 +115,10 @@ def evaluate(model, loader, num_classes):
     classes = xp.arange(num_classes)
     total_loss, bad = xp.zeros(()), xp.zeros(())
     correct, seen = xp.zeros(num_classes), xp.zeros(num_classes)
+    batches = tqdm(loader.epoch(0), total=len(loader), desc="validation", leave=False, disable=not progress,
+                   delay=data.folders.PROGRESS_DELAY_S)
     with nn.no_grad():
-        for x, y in loader.epoch(0):
+        for x, y in batches:
             logits = model.forward(x)
             total_loss += criterion.forward(logits, y) * len(y)
             bad += F.label_errors(y, num_classes)
@@ -142,12 +145,13 @@ class Trainer:
         self.tc, self.out, self.log_every = tc, Path(out_dir), log_every
         self.progress, self.log = progress, log
         self.dtype = np.dtype(tc.dtype)
-        images, labels, classes = data.load_dataset(tc.data, cache_dir=cache_dir)
+        images, labels, classes = data.load_dataset(tc.data, cache_dir=cache_dir, progress=progress)
         self.classes, self.num_images = list(classes), len(labels)
         train_idx, val_idx = data.split_indices(len(labels), tc.val_size, tc.seed)
         if tc.limit_train:        # a random subset: the sorted indices run class by class
             pick = np.random.default_rng(tc.seed).permutation(len(train_idx))[:tc.limit_train]
             train_idx = np.sort(train_idx[pick])
+        self.data_fingerprint = data.fingerprint(images, labels)     # eval knows its own data by it
         mean, std = data.channel_stats(images[train_idx])
         self.norm = {"mean": mean.tolist(), "std": std.tolist()}
         self.train_loader = data.Loader(images[train_idx], labels[train_idx], tc.batch_size, mean, std,
@@ -164,15 +168,30 @@ class Trainer:
             raise ValueError(f"{tc.data}: labels range over [{labels.min()}, {labels.max()}] but the "
                              f"model has {self.mc.num_classes} classes")
         self.model = build_model(self.mc, seed=tc.seed, dtype=self.dtype)
+        if tc.init_from:
+            self._init_from(tc.init_from)
         self.optimizer = make_optimizer(tc, self.model)
         # no label check that reads back every step: the loop counts bad labels on the device
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing, check_labels=False)
         self.start_epoch, self.best_acc, self.history = 0, -1.0, []
 
+    def _init_from(self, path):
+        """Start from the weights of a checkpoint or model file of the same architecture (a
+        new run: its own optimiser state and schedule)."""
+        from .models import load
+        source = load(path)
+        if source.config != self.mc:
+            diff = {k: (v, getattr(self.mc, k)) for k, v in asdict(source.config).items()
+                    if getattr(self.mc, k) != v}
+            raise CheckpointError(f"--init-from {path}: its model differs from this run's "
+                                  f"(file vs this run: {diff}); give the same --config and data")
+        self.model.load_state_dict(source.state_dict())
+
     # -- checkpoints ---------------------------------------------------------------------------
     def _meta(self, epoch):
         return {"epoch": epoch, "train_config": asdict(self.tc), "model_config": json.loads(self.mc.to_json()),
                 "classes": self.classes, "num_images": self.num_images, "normalization": self.norm,
+                "data_fingerprint": self.data_fingerprint,
                 "best_acc": self.best_acc,
                 "history": self.history}
 
@@ -229,7 +248,8 @@ class Trainer:
             correct += (logits.argmax(axis=1) == y).sum()
             bad += F.label_errors(y, K)
             seen += len(y)
-            if i % self.log_every == self.log_every - 1 or i == steps - 1:
+            # the first step too: the bar shows the loss from its first update
+            if i == 0 or i % self.log_every == self.log_every - 1 or i == steps - 1:
                 host_loss, host_correct, host_bad = read_back(loss_sum, correct, bad)
                 if host_bad:
                     raise ValueError(f"{int(host_bad)} training labels of epoch {epoch + 1} (up to step "
@@ -252,7 +272,7 @@ class Trainer:
         for epoch in range(self.start_epoch, self.tc.epochs):
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             if self.val_loader is not None:
-                val_loss, val_acc, _ = evaluate(self.model, self.val_loader, len(self.classes))
+                val_loss, val_acc, _ = evaluate(self.model, self.val_loader, len(self.classes), self.progress)
                 record.update(val_loss=val_loss, val_acc=val_acc)
             self.history.append(record)
             improved = record.get("val_acc", -record["train_loss"]) > self.best_acc
@@ -267,39 +287,52 @@ class Trainer:
         return self.history
 
 
+def is_training_data(images, labels, meta):
+    """Whether these are the images the run was trained on (its training images and held-out
+    split both): by the fingerprint its checkpoint keeps, or for an older checkpoint without
+    one, by their number."""
+    if "data_fingerprint" in meta:
+        return data.fingerprint(images, labels) == meta["data_fingerprint"]
+    return len(labels) == meta["num_images"]
+
+
 def held_out(images, labels, meta, data_path):
     """The run's validation images and labels, (V, 3, H, W) and (V,), re-created from the
     checkpoint metadata `meta` (the split's size and seed) on the data it was trained on."""
-    if len(labels) != meta["num_images"]:
+    if not is_training_data(images, labels, meta):
         raise ValueError(f"--split val needs the data the run was trained on ({meta['num_images']} images), "
-                         f"but {data_path} has {len(labels)}; use --split all")
+                         f"but {data_path} holds other images ({len(labels)}); leave --split out (or "
+                         f"give --split all) to score all of them")
     tc = meta["train_config"]
     _, idx = data.split_indices(len(labels), tc["val_size"], tc["seed"])
     return images[idx], labels[idx]
 
 
-def evaluate_checkpoint(path, data_path, split="val", batch_size=500, cache_dir=None):
-    """(loss, accuracy, per-class accuracy, class names, images evaluated) of the checkpoint at
-    path on data_path. split 'val' re-creates the run's held-out split (the same data, seed and
-    size it was trained with), 'all' uses every image, 'test' the official archive's test batch."""
+def evaluate_checkpoint(path, data_path, split=None, batch_size=500, cache_dir=None, progress=False):
+    """(loss, accuracy, per-class accuracy, class names, images evaluated, split) of the
+    checkpoint at path on data_path. split 'val' re-creates the run's held-out split (the same
+    data, seed and size it was trained with), 'all' uses every image, 'test' the official
+    archive's test batch (other data has none: refused). None: 'val' on the run's own training
+    data, 'all' on any other."""
+    from .models import from_checkpoint
     model_state, _, meta = load_checkpoint(path)
     tc = TrainConfig(**meta["train_config"])
+    if split == "test" and not data.has_test_split(data_path):
+        raise data.DataError(f"--split test: {data_path} has no test split (only 'cifar10' and the official "
+                             f"archive cifar-10-python.tar.gz have one); --split all scores every image of it")
     images, labels, classes = data.load_dataset(data_path, split="test" if split == "test" else "train",
-                                                cache_dir=cache_dir)
+                                                cache_dir=cache_dir, progress=progress)
     if list(classes) != meta["classes"]:
         raise CheckpointError(f"{path} was trained on classes {meta['classes']}, but {data_path} has {list(classes)}")
+    if split is None:
+        split = "val" if is_training_data(images, labels, meta) else "all"
     if split == "val":
         images, labels = held_out(images, labels, meta, data_path)
-    mc = CvTConfig.from_json(json.dumps(meta["model_config"]))
-    model = build_model(mc, dtype=np.dtype(tc.dtype))
-    try:
-        model.load_state_dict(model_state)
-    except ValueError as e:
-        raise CheckpointError(f"{path} does not fit its own model configuration ({e})") from e
+    model = from_checkpoint(model_state, meta, path, np.dtype(tc.dtype))
     norm = meta["normalization"]
     loader = data.Loader(images, labels, batch_size, norm["mean"], norm["std"], dtype=np.dtype(tc.dtype))
-    loss, acc, per_class = evaluate(model, loader, len(classes))
-    return loss, acc, per_class, list(classes), len(labels)
+    loss, acc, per_class = evaluate(model, loader, len(classes), progress)
+    return loss, acc, per_class, list(classes), len(labels), split
 
 
 def plot_curves(history, path):

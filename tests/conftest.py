@@ -20,6 +20,20 @@ def real_cupy_ok():
     return _CUPY_OK
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_folder(tmp_path_factory):
+    """Downloads and decoded images of the whole session go to one temporary cache folder
+    (MINICVT_CACHE, which subprocesses and notebook kernels inherit), never the user's."""
+    import os
+    previous = os.environ.get("MINICVT_CACHE")
+    os.environ["MINICVT_CACHE"] = str(tmp_path_factory.mktemp("minicvt-cache"))
+    yield os.environ["MINICVT_CACHE"]
+    if previous is None:
+        del os.environ["MINICVT_CACHE"]
+    else:
+        os.environ["MINICVT_CACHE"] = previous
+
+
 @pytest.fixture(params=["numpy", "cupy-emulated", "cupy"])
 def xp(request):
     """The array module of the backend under test; the backend is active during the test."""

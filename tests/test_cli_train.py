@@ -294,8 +294,20 @@ def test_eval_of_a_checkpoint_of_another_config_or_data(run, tmp_path, capsys):
     animals = write_image_folder(tmp_path / "animals", classes=["ant", "bee", "cat"], per_class=2)
     one_line_error(capsys, ["eval", "--checkpoint", run / "best.npz", "--data", animals, "--split", "all"],
                    "was trained on classes", "'ant'")
-    one_line_error(capsys, ["eval", "--checkpoint", run / "best.npz", "--data", shapes],
-                   f"({3 * PER_CLASS} images)", "has 6", "--split all")
+    one_line_error(capsys, ["eval", "--checkpoint", run / "best.npz", "--data", shapes, "--split", "val"],
+                   f"({3 * PER_CLASS} images)", "other images (6)", "--split all")
+
+
+def test_eval_splits_follow_the_data(run, folder, tmp_path, capsys):
+    """Without --split: the run's held-out images on its own training data, every image on any
+    other data (a folder of test images, say); --split test only where the data has a test split."""
+    assert main("eval", "--checkpoint", run / "best.npz", "--data", folder) == 0
+    assert parse_eval(capsys.readouterr().out)[:2] == ("val", VAL)
+    others = write_image_folder(tmp_path / "other", per_class=2, seed=5)     # same classes, other images
+    assert main("eval", "--checkpoint", run / "best.npz", "--data", others) == 0
+    assert parse_eval(capsys.readouterr().out)[:2] == ("all", 6)
+    one_line_error(capsys, ["eval", "--checkpoint", run / "best.npz", "--data", folder, "--split", "test"],
+                   "--split test", "has no test split", "--split all")
 
 
 # -- across the process boundary ----------------------------------------------------------------------

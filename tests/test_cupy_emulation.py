@@ -232,8 +232,9 @@ def test_one_random_generator_per_epoch(emulated_cupy):
 
 
 def test_the_trainer_reads_back_once_per_logging_interval(emulated_cupy, tmp_path):
-    """An epoch of 4 steps logging every 2 reads the device twice (loss, accuracy and the bad-label
-    count in one transfer each time); evaluation once at the end, however many batches."""
+    """An epoch of 4 steps logging every 2 reads the device 3 times, at steps 1, 2 and 4 (loss,
+    accuracy and the bad-label count in one transfer each time); evaluation once at the end,
+    however many batches."""
     from test_train import make_trainer, tiny_run, write_image_folder
     from minicvt.train import evaluate
     folder = write_image_folder(tmp_path / "images")
@@ -241,7 +242,7 @@ def test_the_trainer_reads_back_once_per_logging_interval(emulated_cupy, tmp_pat
     trainer.log_every = 2
     with emulated_cupy.counting() as made:
         record = trainer.train_epoch(0)
-    assert sum(made.values()) == 2 and all("minicvt/train.py" in site for site, _ in made)
+    assert sum(made.values()) == 3 and all("minicvt/train.py" in site for site, _ in made)
     assert np.isfinite(record["train_loss"])
     with emulated_cupy.counting() as made:
         evaluate(trainer.model, trainer.val_loader, 3)          # 12 images: 3 batches

@@ -89,7 +89,8 @@ def test_tar_gives_the_same_arrays(folder, tmp_path, suffix, mode, arcname):
     _check(load_dataset(path), folder)            # the same path through the public entry
 
 
-def test_symlinks_in_a_tar_are_ignored_and_nothing_is_written_outside(folder, tmp_path):
+def test_symlinks_in_a_tar_are_ignored_and_nothing_is_written_outside(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINICVT_CACHE", str(tmp_path / "cache"))
     (tmp_path / "box").mkdir()
     path = _tar(folder[0], tmp_path / "box" / "train.tar", "w")
     outside = tmp_path / "outside.png"
@@ -101,8 +102,9 @@ def test_symlinks_in_a_tar_are_ignored_and_nothing_is_written_outside(folder, tm
             tar.addfile(info)
     before = _tree(tmp_path.parent)
     _check(load_image_folder(path), folder)       # the links are neither followed nor counted
-    new = sorted(set(_tree(tmp_path.parent)) - set(before))
-    assert new == [f"{tmp_path.name}/box/train.tar.{f}" for f in _CACHE_FILES]
+    new = sorted(n for n in set(_tree(tmp_path.parent)) - set(before) if (tmp_path.parent / n).is_file())
+    assert [n.rsplit("/", 1)[-1] for n in new] == [f"train.tar.{f}" for f in _CACHE_FILES]
+    assert all(n.startswith(f"{tmp_path.name}/cache/folders/") for n in new)     # the cache only
     assert not outside.exists()
 
 
@@ -131,15 +133,26 @@ def _forbid_decoding(monkeypatch):
     monkeypatch.setattr(Image, "open", refuse)
 
 
-def test_cache_is_written_next_to_the_source_and_reused(folder, monkeypatch):
+def test_cache_goes_to_the_cache_folder_never_beside_the_data(folder, tmp_path, monkeypatch):
+    """Beside a writable data folder too (it used to land there: 154 MB for CIFAR-10)."""
     root = folder[0]
+    monkeypatch.setenv("MINICVT_CACHE", str(tmp_path / "usercache"))
+    before = _tree(root.parent)
     first = load_image_folder(root)
-    for f in _CACHE_FILES:
-        assert (root.parent / f"imgs.{f}").is_file()
-    np.testing.assert_array_equal(np.load(root.parent / "imgs.images.npy"), first[0])
-    np.testing.assert_array_equal(np.load(root.parent / "imgs.labels.npy"), first[1])
+    assert _tree(root.parent) == before                        # nothing written beside the source
+    (cached,) = (tmp_path / "usercache" / "folders").iterdir()
+    assert sorted(p.name for p in cached.iterdir()) == sorted(f"imgs.{f}" for f in _CACHE_FILES)
+    np.testing.assert_array_equal(np.load(cached / "imgs.images.npy"), first[0])
+    np.testing.assert_array_equal(np.load(cached / "imgs.labels.npy"), first[1])
     _forbid_decoding(monkeypatch)
     _check(load_image_folder(root), folder)
+
+
+def test_cache_dir_argument_wins(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINICVT_CACHE", str(tmp_path / "usercache"))
+    load_image_folder(folder[0], cache_dir=tmp_path / "mine")
+    assert len(list((tmp_path / "mine" / "folders").rglob("*.npy"))) == 2
+    assert not (tmp_path / "usercache").exists()
 
 
 def test_tar_cache_is_rebuilt_when_the_tar_changes(folder, tmp_path, monkeypatch):

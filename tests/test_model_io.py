@@ -5,6 +5,7 @@ import pytest
 
 from cvt_tiny import tiny_config
 from minicvt import backend, nn
+from minicvt.checkpoint import CheckpointError
 from minicvt.models import (build_model, export_state_dict, import_state_dict, load, load_weights,
                             save)
 
@@ -45,7 +46,8 @@ def test_save_load_round_trip(xp, tmp_path):
 def test_load_refuses_a_file_without_config(tmp_path):
     path = tmp_path / "bare.npz"
     np.savez(path, a=np.zeros(3))
-    with pytest.raises(ValueError, match="__config__"):
+    with pytest.raises(CheckpointError, match=r"bare.npz is neither a minicvt model file \(models.save\) "
+                                              r"nor a checkpoint of `minicvt train`"):
         load(path)
 
 
@@ -173,3 +175,29 @@ def test_train_eval_reach_every_module(xp):
     assert not any(m.training for _, m in model.named_modules())
     model.train()
     assert all(m.training for _, m in model.named_modules())
+
+
+def test_minicvt_load_reads_every_model_file_we_write(tmp_path):
+    """minicvt.load: a models.save file, a training checkpoint (last.npz/best.npz) and the float16
+    copy shipped in checkpoints/, each as the same model in eval mode."""
+    import json
+    import minicvt
+    from minicvt.checkpoint import save_checkpoint, save_inference_copy
+    cfg = tiny_config()
+    model = build_model(cfg, seed=3, dtype=np.float64).eval()
+    x = _x(cfg)
+    want = backend.to_numpy(model(x))
+    meta = {"epoch": 0, "model_config": json.loads(cfg.to_json()), "classes": ["a", "b", "c"],
+            "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "train_config": {"dtype": "float64"}}
+    save(model, tmp_path / "model.npz")
+    save_checkpoint(tmp_path / "best.npz", model, None, meta)
+    save_inference_copy(tmp_path / "best.npz", tmp_path / "small.npz")
+    for name, rtol in (("model.npz", 0), ("best.npz", 0), ("small.npz", 1e-2)):
+        loaded = minicvt.load(tmp_path / name)
+        assert not loaded.training and loaded.config == cfg, name
+        np.testing.assert_allclose(backend.to_numpy(loaded(x)), want, rtol=rtol, atol=rtol, err_msg=name)
+    assert minicvt.load(tmp_path / "best.npz").classes == ["a", "b", "c"]
+    assert minicvt.load(tmp_path / "model.npz").classes is None
+    from pathlib import Path
+    shipped = minicvt.load(Path(__file__).resolve().parents[1] / "checkpoints" / "cvt-cifar-s.npz")
+    assert len(shipped.classes) == 10 and shipped.config.name == "cvt-cifar-s"

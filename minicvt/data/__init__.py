@@ -4,8 +4,11 @@
     images, labels, classes = load_dataset("path/to/cifar-10-python.tar.gz")
     images, labels, classes = load_dataset("path/to/train.tar.xz")  # ROOT/<class>/*.jpg
 """
+import hashlib
 import tarfile
 from pathlib import Path
+
+import numpy as np
 
 from .cifar10 import CIFAR10_MD5, CIFAR10_URL, CLASSES, fetch_cifar10, load_cifar10_archive
 from .download import DataError, default_cache_dir, download, md5sum, verified
@@ -34,10 +37,26 @@ def load_dataset(data, split="train", cache_dir=None, progress=True):
         # its files are pickles: only the archive's published MD5 makes them safe to read
         raise DataError(f"--data {data}: this is the unpacked official archive; give the archive "
                         f"cifar-10-python.tar.gz itself, whose MD5 is checked before anything in it is read")
-    return load_image_folder(path, cache_dir=cache_dir)
+    return load_image_folder(path, cache_dir=cache_dir, progress=progress)
 
 
 OFFICIAL_FOLDER = "cifar-10-batches-py"         # the one folder inside the official archive
+
+
+def has_test_split(data):
+    """Whether `data` has a test split of its own: 'cifar10' and the official archive do (its
+    test batch); an image folder is one set of images."""
+    return str(data) == "cifar10" or _is_official_archive(Path(data))
+
+
+def fingerprint(images, labels):
+    """A short hash that tells one dataset from another: its shape, every label, and a sample
+    of the images (64 of them, evenly spaced). A checkpoint keeps the one of its training data."""
+    step = max(1, len(images) // 64)
+    h = hashlib.sha256(repr((images.shape, str(images.dtype))).encode())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    h.update(np.ascontiguousarray(images[::step]).tobytes())
+    return h.hexdigest()[:16]
 
 
 def _is_official_archive(path):

@@ -8,5 +8,6 @@ from .block import Block, Mlp
 from .configs import CONFIGS, CvTConfig, get_config
 from .cvt import ConvolutionalVisionTransformer, VisionTransformer, build_model
 from .embed import ConvEmbed
-from .io import export_state_dict, import_state_dict, load, load_weights, save
+from .io import export_state_dict, from_checkpoint, import_state_dict, load, load_weights, save
+from .pretrained import PretrainedError, export_hf_state_dict, from_pretrained, prepare_images
 from .summary import count_parameters, format_summary, stage_rows

@@ -122,6 +122,8 @@ class ConvolutionalVisionTransformer(nn.Module):
         return [getattr(self, f"stage{i}") for i in range(self.config.num_stages)]
 
     def forward(self, x):
+        """x (N, in_chans, H, W) images -> logits (N, num_classes)."""
+        self._check_input(x)
         cls = None
         for stage in self.stages():
             x, cls = stage(x)                               # (N, C_i, H_i, W_i), (N, 1, C_i) or None
@@ -132,6 +134,20 @@ class ConvolutionalVisionTransformer(nn.Module):
             feats = self.token_mean(self.norm(map_to_tokens(x)))   # (N, T, C) -> (N, C)
         self._save(x.shape)
         return self.head(feats)                             # (N, K)
+
+    def _check_input(self, x):
+        """Refuse what is not a batch of images of the model's channels, in the user's terms
+        (the layers below see a channels-last layout the user never gave)."""
+        C, name, shape = self.config.in_chans, self.config.name, tuple(getattr(x, "shape", ()))
+        if len(shape) != 4:
+            hint = "; a single image needs a batch axis: x[None]" if len(shape) == 3 else ""
+            raise ValueError(f"{name}: input must be a batch of images (N, C, H, W), got a "
+                             f"{len(shape)}-D array of shape {shape}{hint}")
+        if shape[1] != C:
+            hint = (f"; images laid out (N, H, W, C) need x.transpose(0, 3, 1, 2)"
+                    if shape[-1] == C else "")
+            raise ValueError(f"{name}: input (N, C, H, W) must have C = {C} channels, got shape "
+                             f"{shape} with {shape[1]}{hint}")
 
     def backward(self, dlogits):
         """dlogits (N, K) -> dx (N, in_chans, H, W); adds every parameter's gradient to .grad."""

@@ -8,6 +8,7 @@ PyTorch and the official code store the same names with the same layouts (conv (
 depthwise conv (C, 1, kh, kw), linear (out, in), class token (1, 1, C)), because minicvt keeps
 PyTorch's layouts throughout; importing is therefore a matter of names, device and dtype.
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +33,57 @@ def save(model, path):
     return path
 
 
-def load(path, dtype=None, seed=0):
-    """Build the saved model and load its weights; dtype defaults to the saved one."""
-    with np.load(path, allow_pickle=False) as f:
-        if CONFIG_KEY not in f.files:
-            raise ValueError(f"{path}: no {CONFIG_KEY} entry; not a minicvt model file")
-        cfg = CvTConfig.from_json(str(f[CONFIG_KEY]))
-        state = {k: f[k] for k in f.files if k != CONFIG_KEY}
-    dtype = dtype or state["head.weight"].dtype
-    model = ConvolutionalVisionTransformer(cfg, dtype=dtype, seed=seed)
-    model.load_state_dict(state)
+def load(path, dtype=None):
+    """Any model file minicvt writes, as a model in eval mode on the active backend (`.train()`
+    switches it back):
+    - a checkpoint of `minicvt train` (last.npz, best.npz, or the float16 copy shipped in
+      checkpoints/), in its run's dtype; the model's `classes` and `normalization` (per-channel
+      mean and std on the 0..1 scale, what its inputs were normalised with) come from the run;
+    - a model file written by `save`, in its saved dtype (`classes` and `normalization` None).
+    dtype replaces the file's."""
+    from ..checkpoint import CheckpointError, load_checkpoint
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            files = set(f.files)
+            if CONFIG_KEY in files:
+                cfg = CvTConfig.from_json(str(f[CONFIG_KEY]))
+                state = {k: f[k] for k in f.files if k != CONFIG_KEY}
+    except (OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path} is corrupt or not a .npz file ({e})") from e
+    if CONFIG_KEY in files:
+        model = _build(cfg, state, dtype or state["head.weight"].dtype, path)
+        model.classes = model.normalization = None
+        return model.eval()
+    if "meta" not in files:
+        raise CheckpointError(f"{path} is neither a minicvt model file (models.save) nor a "
+                              f"checkpoint of `minicvt train`")
+    state, _, meta = load_checkpoint(path)
+    return from_checkpoint(state, meta, path, dtype)
+
+
+def from_checkpoint(state, meta, path, dtype=None):
+    """The model of a loaded `minicvt train` checkpoint (load_checkpoint's state and meta), in
+    eval mode, with `classes` and `normalization` from its metadata."""
+    from ..checkpoint import CheckpointError
+    if "model_config" not in meta:
+        raise CheckpointError(f"{path} has no model_config in its metadata (not written by `minicvt train`)")
+    cfg = CvTConfig.from_json(json.dumps(meta["model_config"]))
+    dtype = dtype or np.dtype(meta.get("train_config", {}).get("dtype", "float32"))
+    model = _build(cfg, state, dtype, path)
+    model.classes, model.normalization = meta.get("classes"), meta.get("normalization")
+    return model.eval()
+
+
+def _build(cfg, state, dtype, path):
+    from ..checkpoint import CheckpointError
+    model = ConvolutionalVisionTransformer(cfg, dtype=dtype, seed=0)
+    try:
+        model.load_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(f"{path} does not fit its own model configuration ({e})") from e
     return model
 
 

@@ -3,15 +3,13 @@ the user's own files), predict with attention kept, and write the figures.
 
 Shapes: images uint8 (N, 3, H, W); probabilities (N, K).
 """
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .. import backend, data
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..models import build_model
-from ..models.configs import CvTConfig
+from ..models import from_checkpoint
 from .figures import plot_cls_attention, plot_grid, plot_query_attention, plot_rollout
 from .maps import capture_attention, rollout
 
@@ -28,13 +26,7 @@ def load_model(path):
     if missing:
         raise CheckpointError(f"{path} has no {', '.join(missing)} in its metadata "
                               f"(attention maps need a checkpoint written by `minicvt train`)")
-    config = CvTConfig.from_json(json.dumps(meta["model_config"]))
-    model = build_model(config, dtype=np.dtype(meta.get("train_config", {}).get("dtype", "float32")))
-    try:
-        model.load_state_dict(state)
-    except ValueError as e:
-        raise CheckpointError(f"{path} does not fit its own model configuration ({e})") from e
-    return model.eval(), meta
+    return from_checkpoint(state, meta, path), meta
 
 
 def read_image_files(paths, size):
@@ -67,6 +59,12 @@ def predict(model, meta, images):
     norm = meta["normalization"]
     x = data.normalize(backend.to_device(images), backend.to_device(np.asarray(norm["mean"])),
                        backend.to_device(np.asarray(norm["std"])), dtype)
+    return predict_inputs(model, x)
+
+
+def predict_inputs(model, x):
+    """Class probabilities (N, K) and attention maps of prepared inputs x (N, 3, H, W)."""
+    x = backend.to_device(backend.to_numpy(x), dtype=model.head.weight.data.dtype)
     logits, maps = capture_attention(model, x)
     z = logits.astype(np.float64)
     e = np.exp(z - z.max(axis=1, keepdims=True))            # stable softmax
@@ -92,37 +90,59 @@ def _select(data_path, split, index, kind, meta, cache_dir=None):
     return images[index], labels[index], list(classes), [str(i) for i in index]
 
 
+def _file_ids(paths):
+    """Names for the user's image files in output names: their stems, numbered where two are
+    the same (cat.jpg, cat.png -> cat-0, cat-1)."""
+    stems = [Path(p).stem for p in paths]
+    return [f"{s}-{i}" if stems.count(s) > 1 else s for i, s in enumerate(stems)]
+
+
 def _numbered(out, name, many):
     return out if not many else out.with_name(f"{out.stem}-{name}{out.suffix}")
 
 
 def attention_figures(checkpoint, out, kind="grid", data_path=None, split="test", image_files=None,
-                      index=None, query=None, log=print, cache_dir=None):
+                      index=None, query=None, log=print, cache_dir=None, pretrained=None):
     """Write the `kind` figure(s) to `out` (a .png) and return their paths. query and cls write
-    one figure per image (numbered FIG-<name>.png when there are several); grid and rollout
-    one figure for all. query = (row, col) in pixels of the model's input (default: centre)."""
+    one figure per image when there are several, FIG-<name>.png: the dataset index, or the
+    image file's name (--images cat.jpg dog.jpg -> FIG-cat.png, FIG-dog.png); grid and rollout
+    one figure for all. query = (row, col) in pixels of the model's input (default: centre).
+    pretrained: a Hugging Face CvT folder instead of a checkpoint, with image_files, at its own
+    resolution and preprocessing."""
     out = Path(out)
     if kind not in KINDS:
         raise ValueError(f"--kind must be one of {KINDS}, got {kind!r}")
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {out}: figures are written as .png")
+    if (checkpoint is None) == (pretrained is None):
+        raise ValueError("give either --checkpoint or --pretrained")
+    if pretrained is not None and image_files is None:
+        raise ValueError("--pretrained takes --images (the model's own data is not here)")
     if (data_path is None) == (image_files is None):
         raise ValueError("give either --data (with --index) or --images, not both and not neither")
-    model, meta = load_model(checkpoint)
-    config, names = model.config, meta["classes"]
+    if pretrained is not None:
+        from ..models import from_pretrained, prepare_images
+        model = from_pretrained(pretrained)
+        config, names, meta = model.config, model.classes, None
+    else:
+        model, meta = load_model(checkpoint)
+        config, names = model.config, meta["classes"]
     if kind == "cls" and not config.cls_token[-1]:
         raise ValueError(f"--kind cls: {config.name} has no class token in its last stage "
                          f"(it reads the mean of its tokens); use --kind query or rollout")
-    if image_files is not None:
+    if pretrained is not None:                  # resized and cropped as its image processor does
+        images, x = prepare_images(image_files, model.preprocessing)
+        labels, true_names, ids = None, None, _file_ids(image_files)
+    elif image_files is not None:
         images, labels, true_names = read_image_files(image_files, config.image_size), None, None
-        ids = [str(i) for i in range(len(images))]
+        ids = _file_ids(image_files)
     else:
         images, labels, true_names, ids = _select(data_path, split, index, kind, meta, cache_dir)
     H, W = images.shape[2:]
     query = (H // 2, W // 2) if query is None else tuple(query)
     if not (0 <= query[0] < H and 0 <= query[1] < W):
         raise ValueError(f"--query {query[0]} {query[1]} is outside the {H}x{W} input image")
-    probs, maps = predict(model, meta, images)
+    probs, maps = predict_inputs(model, x) if pretrained is not None else predict(model, meta, images)
     pred = probs.argmax(axis=1)
     titles = []
     for i in range(len(images)):

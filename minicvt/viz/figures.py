@@ -5,9 +5,10 @@ Images are uint8 (3, H, W) (the datasets' layout); `maps` come from `capture_att
 batch and `index` picks the image in it. Every map is copied up to the image's size by
 `upsample_nearest` (each coarse cell drawn as an even block: see docs/attention_maps.md) and
 drawn over the image with its own colour scale, from 0 to its largest value: colours compare
-places within one panel, not across panels. Every figure is a grid of square panels of
-PANEL_INCHES at DPI, so a figure of r rows and c columns is exactly (c * PANEL_PX) x
-(r * PANEL_PX) pixels.
+places within one panel, not across panels, and the colour bar at the right says so. Every
+figure is a grid of square panels of PANEL_INCHES at DPI, so a figure of r rows and c columns
+is exactly (c * PANEL_PX) x (r * PANEL_PX) pixels (the colour bar takes its room from the
+panels).
 """
 from pathlib import Path
 
@@ -28,10 +29,31 @@ def _figure(rows, cols):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(rows, cols, figsize=(cols * PANEL_INCHES, rows * PANEL_INCHES),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.01, hspace=0.01)
     for ax in axes.flat:
         ax.set_axis_off()
     return fig, axes
+
+
+def _colour_bar(fig, axes):
+    """The overlay's colour scale, once for the figure: 0 to each panel's own largest value."""
+    from matplotlib import cm, colors
+
+    bar = fig.colorbar(cm.ScalarMappable(colors.Normalize(0.0, 1.0), CMAP), ax=axes, ticks=[0, 1],
+                       fraction=0.025, pad=0.01, aspect=40)
+    bar.ax.set_yticklabels(["0", "panel\nmax"], fontsize=6)
+    bar.set_label("attention, each panel from 0 to its own largest value", fontsize=6)
+
+
+def _row_label(ax, text):
+    """A label at the left of a row of panels (the axes stay without ticks or frame)."""
+    ax.set_axis_on()
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_ylabel(text, fontsize=7)
 
 
 def _save(fig, path):
@@ -42,7 +64,6 @@ def _save(fig, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.tight_layout(pad=0.3)
         fig.savefig(tmp, dpi=DPI, format="png")            # no bbox_inches: the size stays exact
         tmp.replace(path)
     finally:
@@ -101,6 +122,7 @@ def plot_query_attention(image, maps, config, query_px, path, index=0, title=Non
                 _show(axes[r, 1 + k], image, upsample_nearest(grid[index, k], (H, W)), f"head {k}{extra}")
                 _mark(axes[r, 1 + k], query_px, cell, g.query_grid, (H, W))
             r += 1
+    _colour_bar(fig, axes)
     if title:
         fig.suptitle(title, fontsize=8)
     return _save(fig, path)
@@ -119,6 +141,7 @@ def plot_cls_attention(image, maps, config, path, index=0, title=None):
         for k in range(g.num_heads):
             _show(axes[j, 1 + k], image, upsample_nearest(grid[index, k], (H, W)),
                   f"head {k}, self {self_w[index, k]:.2f}")
+    _colour_bar(fig, axes)
     if title:
         fig.suptitle(title, fontsize=8)
     return _save(fig, path)
@@ -137,6 +160,10 @@ def plot_rollout(images, ro, path, titles=None):
         _show(axes[0, i], images[i], None, titles[i] if titles else f"image {i}")
         _show(axes[1, i], images[i], on_last[i], f"last stage {g.grid[0]}x{g.grid[1]}")
         _show(axes[2, i], images[i], ro.image[i], f"all stages, cls {cls:.2f}")
+    _row_label(axes[0, 0], "image")
+    _row_label(axes[1, 0], "rollout, last stage")
+    _row_label(axes[2, 0], "rollout onto pixels")
+    _colour_bar(fig, axes)
     return _save(fig, path)
 
 
@@ -154,4 +181,7 @@ def plot_grid(images, heat, path, titles, correct=None, per_row=6):
         color = "black" if correct is None else ("tab:green" if correct[i] else "tab:red")
         axes[2 * r, c].set_title(titles[i], fontsize=7, color=color)
         _show(axes[2 * r + 1, c], images[i], np.asarray(heat[i]), None)
+    for r in range(rows):
+        _row_label(axes[2 * r + 1, 0], "attention rollout")
+    _colour_bar(fig, axes)
     return _save(fig, path)

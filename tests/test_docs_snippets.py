@@ -1,0 +1,44 @@
+"""Every ```python block of README.md and docs/*.md runs, so that a snippet that stops working
+fails here. The blocks of one file run in order in one namespace (a later block may use what an
+earlier one made, as a reader going down the page would), from the repository root, on NumPy."""
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from minicvt import backend
+
+ROOT = Path(__file__).resolve().parents[1]
+FENCE = re.compile(r"^( *)```python\n(.*?)^\1```", re.S | re.M)
+
+
+def python_blocks(path):
+    """[(line number, code)] of the file's ```python blocks, dedented (a block inside a list
+    item is indented with it)."""
+    text = path.read_text(encoding="utf-8")
+    return [(text.count("\n", 0, m.start()) + 2, textwrap.dedent(m.group(2))) for m in FENCE.finditer(text)]
+
+
+PAGES = [p for p in [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")) if python_blocks(p)]
+
+
+def test_the_pages_have_snippets():
+    assert {p.name for p in PAGES} >= {"README.md", "gradcheck.md", "norm.md", "training.md"}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
+def test_python_blocks_run(page, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    previous = backend.get_backend()
+    backend.set_backend("numpy")
+    namespace = {"__name__": "__snippet__"}
+    try:
+        for line, code in python_blocks(page):
+            try:
+                exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
+            except Exception as e:
+                pytest.fail(f"{page.relative_to(ROOT)}, the python block at line {line}: "
+                            f"{type(e).__name__}: {e}")
+    finally:
+        backend.set_backend(previous)

@@ -1,0 +1,176 @@
+"""A newcomer's first hour, item by item: the stumbles found on a fresh clone, each a test that
+failed on the code before its fix. The README's snippets are run by test_docs_snippets.py, the
+eval splits by test_cli_train.py, the cache location by test_data_folders.py and minicvt.load
+by test_model_io.py."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import minicvt
+from minicvt import backend, cli, data, viz
+from minicvt.checkpoint import load_checkpoint
+from test_cli_train import folder, main, one_line_error, run, train_argv  # noqa: F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def restore_backend():
+    previous = backend.get_backend()
+    yield
+    backend.set_backend(previous)
+
+
+def minicvt_process(*argv, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "minicvt", *map(str, argv)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300, env=env, **kw)
+
+
+# -- 2. the backend variable --------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, words", [("cupy", "backend 'cupy' needs CuPy"),
+                                          ("foo", "MINICVT_BACKEND='foo' is not a backend")])
+def test_the_backend_variable_fails_in_one_line(tmp_path, value, words, folder):
+    (tmp_path / "nocupy").mkdir()
+    (tmp_path / "nocupy" / "cupy.py").write_text("raise ImportError('no CuPy here')\n")   # on any machine
+    env = dict(os.environ, MINICVT_BACKEND=value, PYTHONPATH=str(tmp_path / "nocupy"))
+    for argv in (["check"], ["train", "--data", folder, "--out", tmp_path / "run", "--epochs", "1"]):
+        proc = minicvt_process(*argv, env=env)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+
+
+# -- 5. long phases show progress, the training bar its numbers from the start -------------------
+
+def test_decoding_validation_and_the_first_step_show_progress(folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data.folders, "PROGRESS_DELAY_S", 0.0)      # real phases: after 1 s
+    argv = [a for a in train_argv(folder, tmp_path / "run", limit_train=9) if a != "--quiet"]
+    assert main(*argv) == 0                                           # 3 steps of 3 images
+    err = capsys.readouterr().err
+    assert "decoding shapes" in err and "validation" in err
+    updates = [u for u in re.split(r"[\r\n]", err) if u.startswith("epoch 1/1")]
+    first_numbers = next(u for u in updates if "loss=" in u)
+    assert re.search(r"\b0/3\b", first_numbers), updates              # before step 1 is counted
+
+
+# -- 6. Ctrl-C before anything is saved ----------------------------------------------------------
+
+def test_ctrl_c_in_the_first_validation_says_there_is_nothing_to_resume(folder, tmp_path, capsys,
+                                                                       monkeypatch):
+    import minicvt.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(minicvt.train, "evaluate", interrupted)
+    out = tmp_path / "run"
+    assert main(*train_argv(folder, out)) == 130
+    err = capsys.readouterr().err
+    assert "--resume" not in err and "nothing to resume" in err and not (out / "last.npz").exists()
+
+
+# -- 7. training a finished run further ----------------------------------------------------------
+
+def test_a_finished_run_is_trained_further_from_its_weights(run, folder, tmp_path, capsys):
+    one_line_error(capsys, ["train", "--resume", "--out", run, "--epochs", "2"],
+                   "'epochs': (1, 2)", "--init-from", str(run / "last.npz"))
+    out = tmp_path / "more"
+    assert main(*train_argv(folder, out, lr=1e-9), "--init-from", run / "last.npz") == 0
+    capsys.readouterr()
+    start, _, _ = load_checkpoint(run / "last.npz")
+    after, _, meta = load_checkpoint(out / "last.npz")
+    assert meta["train_config"]["init_from"] == str(run / "last.npz")
+    weights = [k for k in start if start[k].dtype.kind == "f" and "running" not in k]   # not BN's statistics
+    assert max(np.abs(after[k] - start[k]).max() for k in weights) < 1e-6   # lr 1e-9: the same weights
+    one_line_error(capsys, train_argv(folder, tmp_path / "m", config="cvt-cifar-m") +
+                   ["--init-from", str(run / "last.npz")], "--init-from", "differs from this run's")
+
+
+# -- 9. errors in the user's terms ----------------------------------------------------------------
+
+@pytest.mark.parametrize("shape, words", [
+    ((2, 1, 32, 32), r"input \(N, C, H, W\) must have C = 3 channels, got shape \(2, 1, 32, 32\) with 1$"),
+    ((3, 32, 32), r"got a 3-D array of shape \(3, 32, 32\); a single image needs a batch axis: x\[None\]"),
+    ((2, 32, 32, 3), r"with 32; images laid out \(N, H, W, C\) need x.transpose\(0, 3, 1, 2\)")])
+def test_wrong_input_shapes_are_named_as_given(shape, words):
+    model = minicvt.build_model("cvt-cifar-s")
+    with pytest.raises(ValueError, match=words):
+        model(np.zeros(shape, np.float32))
+
+
+def test_an_unreadable_image_is_named_without_internals(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "cat").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(root / "cat" / "0.png")
+    (root / "cat" / "1.png").write_bytes(b"not an image")
+    with pytest.raises(data.DataError) as e:
+        data.load_image_folder(root, use_cache=False)
+    assert "cat/1.png is not a readable image" in str(e.value)
+    assert "BytesIO" not in str(e.value) and "0x" not in str(e.value)
+
+
+# -- 10. command-line conventions -------------------------------------------------------------------
+
+def test_version():
+    proc = minicvt_process("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"minicvt {minicvt.__version__}"
+
+
+def test_every_flag_has_help_and_train_lists_the_configs(capsys):
+    import argparse
+    from minicvt.models import CONFIGS
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    bare = [f"{name} {'/'.join(a.option_strings)}" for name, p in commands.items() for a in p._actions
+            if a.option_strings and not a.help]
+    assert bare == []
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in CONFIGS), text
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`minicvt summary ... | head -1`: the reader goes away before minicvt has written."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "minicvt", "summary", "--config", "cvt-13"],
+                              stdout=write, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 1 and proc.stderr == "", proc.stderr
+
+
+# -- 11. attention figures ------------------------------------------------------------------------
+
+def test_figures_have_a_colour_bar_and_row_labels_and_own_files_keep_their_names(run, tmp_path, capsys,
+                                                                                monkeypatch):
+    import matplotlib.figure
+    drawn = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        drawn.append([(ax.get_label(), ax.get_ylabel()) for ax in fig.axes])
+        return real_savefig(fig, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    for name in ("cat", "dog"):
+        Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / f"{name}.jpg")
+    for kind in ("grid", "rollout", "query", "cls"):
+        out = tmp_path / f"{kind}.png"
+        assert cli.main(["attention", "--checkpoint", str(run / "best.npz"), "--images", str(tmp_path / "cat.jpg"),
+                         str(tmp_path / "dog.jpg"), "--out", str(out), "--kind", kind]) == 0
+        printed = capsys.readouterr().out
+        if kind in ("query", "cls"):                  # one file per image, named after it
+            assert [f"wrote {tmp_path / f'{kind}-{n}.png'}" in printed for n in ("cat", "dog")] == [True, True]
+    for axes in drawn:
+        assert any(label == "<colorbar>" for label, _ in axes), axes
+    grid_labels, rollout_labels = {y for _, y in drawn[0]}, {y for _, y in drawn[1]}
+    assert "attention rollout" in grid_labels
+    assert {"image", "rollout, last stage", "rollout onto pixels"} <= rollout_labels
+    assert viz.command._file_ids(["a/cat.jpg", "b/cat.png", "dog.jpg"]) == ["cat-0", "cat-1", "dog"]
