@@ -174,3 +174,12 @@ def test_figures_have_a_colour_bar_and_row_labels_and_own_files_keep_their_names
     assert "attention rollout" in grid_labels
     assert {"image", "rollout, last stage", "rollout onto pixels"} <= rollout_labels
     assert viz.command._file_ids(["a/cat.jpg", "b/cat.png", "dog.jpg"]) == ["cat-0", "cat-1", "dog"]
+
+
+def test_predict_with_a_checkpoint_minicvt_trained(run, tmp_path, capsys):
+    Image.fromarray(np.full((20, 24, 3), 200, np.uint8)).save(tmp_path / "red.png")
+    assert cli.main(["predict", "--checkpoint", str(run / "best.npz"), "--images", str(tmp_path / "red.png"),
+                     "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{tmp_path / 'red.png'}:" and len(lines) == 3
+    assert {line.split()[0] for line in lines[1:]} <= {"blue", "green", "red"}
