@@ -114,7 +114,7 @@ def cmd_train(args):
     else:
         tc = TrainConfig(**given)
     get_config(tc.model)      # an unknown name fails now, not after loading (or downloading) the data
-    trainer = Trainer(tc, args.out, progress=not args.quiet, cache_dir=args.cache_dir)
+    trainer = Trainer(tc, args.out, progress=not args.quiet, cache_dir=args.cache_dir, resuming=args.resume)
     if args.resume:
         trainer.resume()
     print(f"training {tc.model} on {tc.data} with {args.backend}: "
@@ -179,6 +179,8 @@ def cmd_predict(args):
         images = read_image_files(args.images, model.config.image_size)
         norm = model.normalization
         x = (images / 255.0 - np.asarray(norm["mean"])[:, None, None]) / np.asarray(norm["std"])[:, None, None]
+    if args.top < 1:
+        raise ValueError(f"--top {args.top}: show at least one class")
     probs, _ = predict_inputs(model, x)
     top = min(args.top, probs.shape[1])
     width = max(len(c) for c in model.classes)

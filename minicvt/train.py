@@ -141,7 +141,9 @@ class Trainer:
     """Holds the data, model, optimiser and output folder of one run."""
 
     def __init__(self, tc, out_dir, model_config=None, progress=True, log=print, cache_dir=None,
-                 log_every=20):
+                 log_every=20, resuming=False):
+        """resuming: the weights will come from resume(), so tc.init_from is not read again
+        (it may have moved since the run began)."""
         self.tc, self.out, self.log_every = tc, Path(out_dir), log_every
         self.progress, self.log = progress, log
         self.dtype = np.dtype(tc.dtype)
@@ -168,7 +170,7 @@ class Trainer:
             raise ValueError(f"{tc.data}: labels range over [{labels.min()}, {labels.max()}] but the "
                              f"model has {self.mc.num_classes} classes")
         self.model = build_model(self.mc, seed=tc.seed, dtype=self.dtype)
-        if tc.init_from:
+        if tc.init_from and not resuming:
             self._init_from(tc.init_from)
         self.optimizer = make_optimizer(tc, self.model)
         # no label check that reads back every step: the loop counts bad labels on the device
@@ -199,9 +201,9 @@ class Trainer:
         """Continue from out/last.npz: weights, optimiser state, epoch counter, history."""
         path = self.out / "last.npz"
         model_state, optim_state, meta = load_checkpoint(path)
-        if meta["train_config"] != asdict(self.tc):
-            diff = {k: (meta["train_config"].get(k), v) for k, v in asdict(self.tc).items()
-                    if meta["train_config"].get(k) != v}
+        saved = asdict(TrainConfig(**meta["train_config"]))   # settings added since: their defaults
+        if saved != asdict(self.tc):
+            diff = {k: (saved.get(k), v) for k, v in asdict(self.tc).items() if saved.get(k) != v}
             raise CheckpointError(f"{path} was written by a run with other settings "
                                   f"(saved vs now: {diff}); use another --out or the same settings")
         saved_mc = CvTConfig.from_json(json.dumps(meta["model_config"]))
@@ -317,7 +319,7 @@ def evaluate_checkpoint(path, data_path, split=None, batch_size=500, cache_dir=N
     from .models import from_checkpoint
     model_state, _, meta = load_checkpoint(path)
     tc = TrainConfig(**meta["train_config"])
-    if split == "test" and not data.has_test_split(data_path):
+    if split == "test" and Path(data_path).exists() and not data.has_test_split(data_path):
         raise data.DataError(f"--split test: {data_path} has no test split (only 'cifar10' and the official "
                              f"archive cifar-10-python.tar.gz have one); --split all scores every image of it")
     images, labels, classes = data.load_dataset(data_path, split="test" if split == "test" else "train",

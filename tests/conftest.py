@@ -40,12 +40,11 @@ def xp(request):
     if request.param == "cupy" and not real_cupy_ok():
         pytest.skip("CuPy or a GPU is not available (the cupy-emulated case ran instead)")
     previous = backend.get_backend()
-    with cupy_emulation.emulated() if request.param == "cupy-emulated" else contextlib.nullcontext():
-        module = backend.set_backend("numpy" if request.param == "numpy" else "cupy")
-        try:
-            yield module
-        finally:
-            backend.set_backend(previous)
+    try:
+        with cupy_emulation.emulated() if request.param == "cupy-emulated" else contextlib.nullcontext():
+            yield backend.set_backend("numpy" if request.param == "numpy" else "cupy")
+    finally:          # outside the emulation, so that a previous 'cupy' is the real one again
+        backend.set_backend(previous)
 
 
 @pytest.fixture
@@ -53,12 +52,12 @@ def emulated_cupy():
     """The emulated CuPy as the active backend (for tests that are about the emulation or the
     GPU path's transfers); yields the emulation's ledger module (no_sync, counting, allocations)."""
     previous = backend.get_backend()
-    with cupy_emulation.emulated():
-        backend.set_backend("cupy")
-        try:
+    try:
+        with cupy_emulation.emulated():
+            backend.set_backend("cupy")
             yield cupy_emulation.ledger()
-        finally:
-            backend.set_backend(previous)
+    finally:
+        backend.set_backend(previous)
 
 
 @pytest.fixture

@@ -68,6 +68,18 @@ def test_host_conversions_and_host_operands_raise(emulated_cupy):
     assert type(np.exp(a)).__module__ == "cupy"             # NumPy's functions dispatch to CuPy's
 
 
+def test_host_data_is_copied_to_the_device(emulated_cupy):
+    cp = backend.xp()
+    host = np.zeros(3)
+    for make in (cp.asarray, cp.array, cp.asanyarray, backend.to_device):
+        d = make(host)
+        d += 1
+        assert host.tolist() == [0.0, 0.0, 0.0]              # separate memory, as on a GPU
+    same = cp.asarray(d)
+    same += 1
+    assert backend.to_numpy(d).tolist() == [2.0, 2.0, 2.0]     # a device array is not copied again
+
+
 def test_indices_wrap_and_reductions_stay_on_the_device(emulated_cupy):
     cp = backend.xp()
     a = dev(np.array([10.0, 20.0, 30.0]))
@@ -109,11 +121,18 @@ def test_functions_that_read_back_inside(emulated_cupy, call, reads):
 
 
 def test_einsum_model_counts_cupys_temporaries(emulated_cupy):
+    """The copies CuPy's einsum makes (cupy/linalg/_einsum.py: the later operand is laid out
+    (batch, kept, contracted), the earlier one (batch, contracted, kept), and matmul copies
+    whichever is not C-contiguous then)."""
     cp = backend.xp()
     a = dev(np.ones((64, 8)), dtype=np.float32)
-    for spec, temporaries in (("mc,mc->m", 0), ("mc,mc->c", 2 * a.nbytes), ("mc->c", 0)):
+    b, c = dev(np.ones((8, 5)), dtype=np.float32), dev(np.ones((3, 8)), dtype=np.float32)
+    cases = (("mc,mc->m", (a, a), 0), ("mc,mc->c", (a, a), 2 * a.nbytes), ("mc->c", (a,), 0),
+             ("ij,jk->ik", (a, b), a.nbytes + b.nbytes),        # both transposed: both copied
+             ("ik,jk->ij", (a, c), a.nbytes))                  # c already (kept, contracted)
+    for spec, operands, temporaries in cases:
         with emulated_cupy.allocations() as st:
-            r = cp.einsum(spec, a, a) if "," in spec else cp.einsum(spec, a)
+            r = cp.einsum(spec, *operands)
         assert st["allocated"] - r.nbytes == temporaries, spec
 
 

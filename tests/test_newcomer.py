@@ -91,6 +91,45 @@ def test_a_finished_run_is_trained_further_from_its_weights(run, folder, tmp_pat
                    ["--init-from", str(run / "last.npz")], "--init-from", "differs from this run's")
 
 
+def test_runs_written_before_a_setting_existed_still_resume(run, tmp_path, capsys):
+    """A checkpoint's train_config without `init_from` (written before it existed) resumes."""
+    import json
+    import shutil
+    from minicvt.checkpoint import save_checkpoint
+    out = tmp_path / "old"
+    shutil.copytree(run, out)
+    state, optim, meta = load_checkpoint(out / "last.npz")
+    del meta["train_config"]["init_from"]
+    model = minicvt.models.build_model(minicvt.models.CvTConfig.from_json(json.dumps(meta["model_config"])))
+    model.load_state_dict(state)
+
+    class Optim:                        # the saved optimiser state, written back as it was
+        def state_dict(self):
+            return optim
+    save_checkpoint(out / "last.npz", model, Optim(), {k: v for k, v in meta.items() if k != "format"})
+    assert main("train", "--resume", "--out", out, "--quiet") == 0
+    assert f"resumed from {out / 'last.npz'}" in capsys.readouterr().out
+
+
+def test_resuming_a_run_started_from_weights_does_not_read_them_again(folder, tmp_path, capsys, monkeypatch):
+    from minicvt.train import Trainer
+    start = tmp_path / "start"
+    assert main(*train_argv(folder, start)) == 0
+    out, real_epoch = tmp_path / "more", Trainer.train_epoch
+
+    def ctrl_c_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real_epoch(self, epoch)
+    monkeypatch.setattr(Trainer, "train_epoch", ctrl_c_in_epoch_2)
+    assert main(*train_argv(folder, out, epochs=2), "--init-from", start / "last.npz") == 130
+    monkeypatch.undo()
+    (start / "last.npz").unlink()                                   # moved away since
+    capsys.readouterr()
+    assert main("train", "--resume", "--out", out, "--quiet") == 0
+    assert load_checkpoint(out / "last.npz")[2]["epoch"] == 1
+
+
 # -- 9. errors in the user's terms ----------------------------------------------------------------
 
 @pytest.mark.parametrize("shape, words", [

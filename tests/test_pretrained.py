@@ -163,6 +163,20 @@ def test_bad_folders_are_one_clear_line(folders, tmp_path):
     (empty / "model.safetensors").unlink()
     with pytest.raises(PretrainedError, match="no model.safetensors or pytorch_model.bin"):
         from_pretrained(empty)
+    cut = _copy(folder, tmp_path, "truncated")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(PretrainedError, match="model.safetensors is not a readable safetensors file"):
+        from_pretrained(cut)
+    pickle = _copy(folder, tmp_path, "pickle")
+    (pickle / "model.safetensors").unlink()
+    (pickle / "pytorch_model.bin").write_bytes(b"not a pickle")
+    with pytest.raises(PretrainedError, match="pytorch_model.bin is not a readable PyTorch state dict"):
+        from_pretrained(pickle)
+    scalar = _copy(folder, tmp_path, "scalar")
+    (scalar / "config.json").write_text(json.dumps({**cfg, "depth": 3}))
+    with pytest.raises(PretrainedError, match="depth must list one value per stage"):
+        from_pretrained(scalar)
 
 
 def test_preprocessing_follows_the_image_processor(tmp_path):
@@ -176,6 +190,19 @@ def test_preprocessing_follows_the_image_processor(tmp_path):
     # 300 x 400 -> 256 x 341, then the central 224: columns 58..282 of 341, the edge at 170.5 - 58
     assert shown[0, 0, 100, 100] == 0 and shown[0, 0, 100, 120] == 255
     np.testing.assert_allclose(x[0, :, 0, 0], (0 - 0.5) / 0.25)
+
+
+@pytest.mark.parametrize("hw", [(300, 400), (400, 300), (256, 259), (256, 263), (257, 300), (500, 500)])
+def test_preprocessing_equals_transformers_pillow_processor(tmp_path, hw):
+    prep = {"size": 224, "crop_pct": 0.875, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    processor = transformers.ConvNextImageProcessorPil(size={"shortest_edge": 224}, crop_pct=0.875, resample=3,
+                                                       image_mean=prep["mean"], image_std=prep["std"])
+    img = np.random.default_rng(hw[0] * hw[1]).integers(0, 256, hw + (3,), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "photo.png")
+    _, x = prepare_images([tmp_path / "photo.png"], prep)
+    with Image.open(tmp_path / "photo.png") as im:
+        ref = processor(im, return_tensors="np")["pixel_values"]
+    assert x.shape == ref.shape and np.abs(x - ref).max() < 1e-5          # float32 rounding
 
 
 def test_predict_and_attention_commands_on_a_saved_folder(folders, tmp_path, capsys):

@@ -99,7 +99,12 @@ def config_from_hf(hf, name="pretrained", image_size=224):
                                   (4.0,) * 3, (True,) * 3, (0.0,) * 3, (0.0,) * 3, (0.0, 0.0, 0.1),
                                   (False, False, True), ("dw_bn",) * 3, (3,) * 3, (1,) * 3, (2,) * 3,
                                   (1,) * 3, (1,) * 3]))
-    stages = {ours: tuple(hf.get(theirs, defaults[theirs])) for theirs, ours in _FIELDS.items()}
+    stages = {}
+    for theirs, ours in _FIELDS.items():
+        value = hf.get(theirs, defaults[theirs])
+        if not isinstance(value, (list, tuple)):
+            raise PretrainedError(f"config.json: {theirs} must list one value per stage, got {value!r}")
+        stages[ours] = tuple(value)
     bad = [m for m in stages["qkv_proj_method"] if m != "dw_bn"]
     if bad:
         raise PretrainedError(f"qkv_projection_method {list(stages['qkv_proj_method'])}: only 'dw_bn' "
@@ -136,8 +141,11 @@ def read_tensors(folder):
     from pytorch_model.bin through PyTorch's weights_only loader."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
-    files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) \
-        if index.is_file() else [folder / "model.safetensors"]
+    try:
+        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) \
+            if index.is_file() else [folder / "model.safetensors"]
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
+        raise PretrainedError(f"{index.name} has no readable weight_map ({e!r})") from None
     if all(f.is_file() for f in files):
         try:
             from safetensors.numpy import load_file
@@ -146,7 +154,10 @@ def read_tensors(folder):
                                   "pip install safetensors") from None
         tensors = {}
         for f in files:
-            tensors.update(load_file(str(f)))
+            try:
+                tensors.update(load_file(str(f)))
+            except Exception as e:       # safetensors raises its own SafetensorError for a bad file
+                raise PretrainedError(f"{f.name} is not a readable safetensors file ({e})") from None
         return tensors
     binary = folder / "pytorch_model.bin"
     if binary.is_file():
@@ -155,7 +166,10 @@ def read_tensors(folder):
         except ImportError:
             raise PretrainedError(f"{binary} is a PyTorch pickle: reading it needs PyTorch (pip install "
                                   f"torch), or a model.safetensors copy of it") from None
-        state = torch.load(binary, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as e:           # a truncated pickle, or one holding more than tensors
+            raise PretrainedError(f"{binary.name} is not a readable PyTorch state dict ({e})") from None
         return {k: v.detach().float().numpy() if str(v.dtype) == "torch.bfloat16" else v.detach().numpy()
                 for k, v in state.items()}
     raise PretrainedError("no model.safetensors or pytorch_model.bin in it")
@@ -230,7 +244,7 @@ def prepare_images(paths, preprocessing):
                     edge = int(S / preprocessing["crop_pct"])
                     w, h = (edge, int(edge * h / w)) if w <= h else (int(edge * w / h), edge)
                     im = im.resize((w, h), Image.BICUBIC)
-                    left, top = int(round((w - S) / 2)), int(round((h - S) / 2))
+                    left, top = (w - S) // 2, (h - S) // 2          # as transformers' center_crop
                     im = im.crop((left, top, left + S, top + S))
                 else:
                     im = im.resize((S, S), Image.BICUBIC)

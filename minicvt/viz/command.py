@@ -64,7 +64,8 @@ def predict(model, meta, images):
 
 def predict_inputs(model, x):
     """Class probabilities (N, K) and attention maps of prepared inputs x (N, 3, H, W)."""
-    x = backend.to_device(backend.to_numpy(x), dtype=model.head.weight.data.dtype)
+    dtype = model.head.weight.data.dtype
+    x = backend.to_device(x, dtype) if isinstance(x, np.ndarray) else x.astype(dtype, copy=False)
     logits, maps = capture_attention(model, x)
     z = logits.astype(np.float64)
     e = np.exp(z - z.max(axis=1, keepdims=True))            # stable softmax
@@ -93,8 +94,12 @@ def _select(data_path, split, index, kind, meta, cache_dir=None):
 def _file_ids(paths):
     """Names for the user's image files in output names: their stems, numbered where two are
     the same (cat.jpg, cat.png -> cat-0, cat-1)."""
-    stems = [Path(p).stem for p in paths]
-    return [f"{s}-{i}" if stems.count(s) > 1 else s for i, s in enumerate(stems)]
+    stems, seen = [Path(p).stem for p in paths], {}
+    ids = []
+    for s in stems:
+        ids.append(f"{s}-{seen.get(s, 0)}" if stems.count(s) > 1 else s)
+        seen[s] = seen.get(s, 0) + 1
+    return ids
 
 
 def _numbered(out, name, many):

@@ -6,10 +6,11 @@ NumPy's einsum (which the emulation computes with) loops over the operands in pl
    out first, each sum a new array;
 2. a pair of operands with no contracted label is multiplied elementwise into a new array of
    the broadcast shape;
-3. otherwise each operand is transposed to (batch, kept, contracted) or (batch, contracted,
-   kept) and reshaped to three axes, and `matmul` makes a C-contiguous copy of each one that
-   is not C-contiguous after that transpose; the product is one new array, the result, whose
-   axes the final transpose only permutes (a view).
+3. otherwise the pair's first array (CuPy contracts the last two operands first, and takes
+   the later one first) is transposed to (batch, kept, contracted), the other to (batch,
+   contracted, kept), each reshaped to three axes, and `matmul` makes a C-contiguous copy of
+   each one that is not C-contiguous after that transpose; the product is one new array, the
+   result, whose axes the final transpose only permutes (a view).
 This model returns the bytes of those temporaries (1, 2 and 3's copies; not the result, which
 the emulation counts as the returned array). It covers explicit '->' specs with at most one
 appearance of a label per operand and no '...'; for anything else it returns None.
@@ -58,30 +59,29 @@ def temporaries(spec, operands, itemsize):
                 temp += math.prod(new_shape) * itemsize
             ops[i] = (keep, new_shape, _c_strides(new_shape, itemsize))
 
-    while len(ops) > 1:                                                   # pairs, left to right
-        (sub0, shape0, strides0), (sub1, shape1, strides1) = ops[0], ops[1]
-        rest = ops[2:]
-        others = set(output).union(*(set(o[0]) for o in rest))
+    # CuPy contracts the last two operands first (its path pairs are sorted high to low), then
+    # the result with each earlier operand; the first array of each pair is the later operand
+    current, pending = ops[-1], ops[:-1]
+    while pending:
+        (sub0, shape0, strides0), (sub1, shape1, strides1) = current, pending.pop()
+        others = set(output).union(*(set(o[0]) for o in pending))
         shared = set(sub0) & set(sub1)
         batch, contract = shared & others, shared - (shared & others)
         if not contract:                                                  # 2. elementwise product
             labels = sub0 + [label for label in sub1 if label not in sub0]
-            new_shape = tuple(size[label] for label in labels)
-            result_bytes = math.prod(new_shape) * itemsize
         else:                                                             # 3. batched matmul
-            for sub, shape, strides, last in ((sub0, shape0, strides0, "contract"),
-                                              (sub1, shape1, strides1, "kept")):
-                b = sorted((lab, ax) for ax, lab in enumerate(sub) if lab in batch)
-                c = sorted((lab, ax) for ax, lab in enumerate(sub) if lab in contract)
-                t = sorted((lab, ax) for ax, lab in enumerate(sub) if lab not in shared)
-                order = [ax for _, ax in b] + ([ax for _, ax in t] + [ax for _, ax in c]
-                                               if last == "contract" else [ax for _, ax in c] + [ax for _, ax in t])
+            # arr0 as (batch, kept, contracted), arr1 as (batch, contracted, kept)
+            for sub, shape, strides, contracted_last in ((sub0, shape0, strides0, True),
+                                                         (sub1, shape1, strides1, False)):
+                b = [ax for _, ax in sorted((lab, ax) for ax, lab in enumerate(sub) if lab in batch)]
+                c = [ax for _, ax in sorted((lab, ax) for ax, lab in enumerate(sub) if lab in contract)]
+                t = [ax for _, ax in sorted((lab, ax) for ax, lab in enumerate(sub) if lab not in shared)]
+                order = b + (t + c if contracted_last else c + t)
                 if not _c_contiguous([shape[a] for a in order], [strides[a] for a in order], itemsize):
                     temp += math.prod(shape) * itemsize
             labels = sorted(batch) + sorted(set(sub0) - shared) + sorted(set(sub1) - shared)
-            new_shape = tuple(size[label] for label in labels)
-            result_bytes = math.prod(new_shape) * itemsize
-        if rest:                          # an intermediate product, freed after the next pair
-            temp += result_bytes
-        ops = [(labels, new_shape, _c_strides(new_shape, itemsize))] + rest
+        new_shape = tuple(size[label] for label in labels)
+        if pending:                       # an intermediate product, freed after the next pair
+            temp += math.prod(new_shape) * itemsize
+        current = (labels, new_shape, _c_strides(new_shape, itemsize))
     return temp

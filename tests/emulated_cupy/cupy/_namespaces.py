@@ -57,10 +57,19 @@ def function(qualname, np_func, params, syncs=0):
         a = E.unwrap(args, host_ok, f"an argument of {qualname}")
         k = {n: E.unwrap(v, host_ok, f"{n}= of {qualname}") for n, v in kwargs.items()
              if n not in CUPY_ONLY_KEYWORDS}
-        return E.wrap(np_func(*a, **k))
+        r = np_func(*a, **k)
+        if host_ok and isinstance(r, numpy.ndarray) and _shares_host_memory(r, args):
+            r = r.copy()              # host data is copied to the device: never the same memory
+        return E.wrap(r)
 
     f.__name__ = f.__qualname__ = qualname.rsplit(".", 1)[-1]
     return f
+
+
+def _shares_host_memory(r, args):
+    hosts = [a for a in args if isinstance(a, numpy.ndarray)]
+    hosts += [v for a in args if isinstance(a, (list, tuple)) for v in a if isinstance(v, numpy.ndarray)]
+    return any(numpy.shares_memory(r, h) for h in hosts)
 
 
 # -- overrides ---------------------------------------------------------------------------------
