@@ -160,6 +160,7 @@ CACHE_HELP = ("where 'cifar10' is downloaded and decoded images are cached "
 
 def cmd_predict(args):
     """The top classes of each image file, with their probabilities."""
+    from . import data
     from .models import from_pretrained, load, prepare_images
     from .viz import read_image_files
     from .viz.command import predict_inputs
@@ -177,8 +178,7 @@ def cmd_predict(args):
             raise ValueError(f"--checkpoint {args.checkpoint}: a bare model file has no input "
                              f"normalisation; give a checkpoint of `minicvt train`")
         images = read_image_files(args.images, model.config.image_size)
-        norm = model.normalization
-        x = (images / 255.0 - np.asarray(norm["mean"])[:, None, None]) / np.asarray(norm["std"])[:, None, None]
+        x = data.normalize(images, np.asarray(model.normalization["mean"]), np.asarray(model.normalization["std"]))
     if args.top < 1:
         raise ValueError(f"--top {args.top}: show at least one class")
     probs, _ = predict_inputs(model, x)

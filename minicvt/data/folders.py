@@ -159,3 +159,20 @@ def load_image_folder(path, use_cache=True, cache_dir=None, progress=False):
         meta = {"classes": classes, "signature": _signature(source)}
         _atomic_save(paths["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return images, labels, classes
+
+
+def load_image_files(paths, fit):
+    """uint8 (N, 3, H, W) from the user's image files (`--images`): each decoded by Pillow,
+    converted to RGB, and brought to one size by fit(image) -> image (a crop and a resize)."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                out.append(np.asarray(fit(im.convert("RGB")), dtype=np.uint8).transpose(2, 0, 1))  # -> (3, H, W)
+        except FileNotFoundError:
+            raise DataError(f"--images: {p} does not exist") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"--images: {p} is not a readable image ({e})") from e
+    return np.stack(out)

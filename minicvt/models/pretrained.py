@@ -232,27 +232,17 @@ def prepare_images(paths, preprocessing):
     normalised with the mean and std. `shown` is the crop, for drawing."""
     from PIL import Image
 
-    from ..data import DataError
-    S, mean, std = preprocessing["size"], preprocessing["mean"], preprocessing["std"]
-    shown = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                if S < 384:
-                    w, h = im.size
-                    edge = int(S / preprocessing["crop_pct"])
-                    w, h = (edge, int(edge * h / w)) if w <= h else (int(edge * w / h), edge)
-                    im = im.resize((w, h), Image.BICUBIC)
-                    left, top = (w - S) // 2, (h - S) // 2          # as transformers' center_crop
-                    im = im.crop((left, top, left + S, top + S))
-                else:
-                    im = im.resize((S, S), Image.BICUBIC)
-                shown.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))   # (H, W, 3) -> (3, H, W)
-        except FileNotFoundError:
-            raise DataError(f"--images: {p} does not exist") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"--images: {p} is not a readable image ({e})") from e
-    shown = np.stack(shown)
-    x = (shown / 255.0 - np.asarray(mean)[:, None, None]) / np.asarray(std)[:, None, None]
-    return shown, x.astype(np.float32)
+    from .. import data
+    S = preprocessing["size"]
+
+    def fit(im):
+        if S >= 384:
+            return im.resize((S, S), Image.BICUBIC)
+        w, h = im.size
+        edge = int(S / preprocessing["crop_pct"])
+        w, h = (edge, int(edge * h / w)) if w <= h else (int(edge * w / h), edge)
+        left, top = (w - S) // 2, (h - S) // 2                      # as transformers' center_crop
+        return im.resize((w, h), Image.BICUBIC).crop((left, top, left + S, top + S))
+
+    shown = data.load_image_files(paths, fit)
+    return shown, data.normalize(shown, np.asarray(preprocessing["mean"]), np.asarray(preprocessing["std"]))

@@ -35,21 +35,13 @@ def read_image_files(paths, size):
     Pillow's bicubic filter (which widens its support when shrinking, so it antialiases)."""
     from PIL import Image
 
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                w, h = im.size
-                s = min(w, h)
-                left, top = (w - s) // 2, (h - s) // 2
-                im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-                out.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))   # (H, W, 3) -> (3, H, W)
-        except FileNotFoundError:
-            raise data.DataError(f"--images: {p} does not exist") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise data.DataError(f"--images: {p} is not a readable image ({e})") from e
-    return np.stack(out)
+    def fit(im):
+        w, h = im.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        return im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+
+    return data.load_image_files(paths, fit)
 
 
 def predict(model, meta, images):
