@@ -35,7 +35,7 @@ class TrainConfig:
     """Everything that defines a run; stored in every checkpoint."""
     model: str = "cvt-cifar-s"
     data: str = "cifar10"
-    epochs: int = 30
+    epochs: int = 24
     batch_size: int = 128
     optimizer: str = "adamw"         # 'adamw' (as the official recipe) or 'sgd' (momentum, Nesterov)
     lr: float = None                 # peak learning rate after warm-up (adamw 1e-3, sgd 0.1)
@@ -54,6 +54,19 @@ class TrainConfig:
     dtype: str = "float32"
     eval_batch_size: int = 500
     init_from: str = ""              # start from this checkpoint's (or model file's) weights
+    # progressive resizing: "16:0.5,24:0.25" trains the first 50 % of the epochs on images
+    # resized to 16x16, the next 25 % at 24x24, and the rest (at least the last epoch) at the
+    # images' own size ("" = off)
+    resolutions: str = "16:0.5,24:0.25"
+    eval_flip: bool = True           # validation averages the logits of each image and its mirror
+
+    # what a checkpoint written before a setting existed did, where that differs from its default
+    BEFORE = {"resolutions": "", "eval_flip": False}
+
+    @classmethod
+    def from_saved(cls, saved):
+        """The settings stored in a checkpoint; those it predates keep the behaviour it had."""
+        return cls(**{**{k: v for k, v in cls.BEFORE.items() if k not in saved}, **saved})
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):
@@ -75,6 +88,34 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        self.resolution_plan()                        # a malformed schedule fails here
+
+    def resolution_plan(self):
+        """[(size, first epoch, end epoch)] of the progressive-resizing schedule, 0-based, end
+        exclusive: segment k ends at round(its cumulative fraction × epochs), and never later
+        than the last epoch, which is always at the images' own size: the model saved last has
+        trained at the size it will be used at."""
+        plan, start, total = [], 0, 0.0
+        for part in filter(None, self.resolutions.replace(" ", "").split(",")):
+            try:
+                size, fraction = part.split(":")
+                size, fraction = int(size), float(fraction)
+            except ValueError:
+                raise ValueError(f"resolutions: {part!r} is not SIZE:FRACTION (e.g. '16:0.5,24:0.25' "
+                                 f"trains 50 % of the epochs at 16x16, then 25 % at 24x24)") from None
+            if size < 4 or not 0 < fraction <= 1:
+                raise ValueError(f"resolutions: {part!r} needs a size >= 4 and a fraction in (0, 1]")
+            total += fraction
+            if total > 1 + 1e-9:
+                raise ValueError(f"resolutions {self.resolutions!r}: the fractions add up to more than 1")
+            end = min(int(round(total * self.epochs)), self.epochs - 1)
+            plan.append((size, start, end))
+            start = end
+        return plan
+
+    def image_size(self, epoch, native):
+        """The side of the training images in (0-based) epoch `epoch`; `native` after the plan."""
+        return next((size for size, start, end in self.resolution_plan() if start <= epoch < end), native)
 
 
 class DivergedError(RuntimeError):
@@ -106,8 +147,11 @@ def read_back(*scalars):
     return [float(v) for v in backend.to_numpy(xp.stack(scalars))]
 
 
-def evaluate(model, loader, num_classes, progress=False):
+def evaluate(model, loader, num_classes, progress=False, flip=False, size=None):
     """(mean loss, accuracy, per-class accuracy (K,)) over one pass, in eval mode, no caches.
+    size: the images resized to size×size first (as the epoch's training images were).
+    flip: the logits are the mean of the image's and its left-right mirror's (test-time
+    augmentation; training flips too, so both are images the model has learnt to read).
     Every sum stays on the device until one read-back at the end."""
     model.eval()
     criterion = nn.CrossEntropyLoss(check_labels=False)
@@ -119,7 +163,11 @@ def evaluate(model, loader, num_classes, progress=False):
                    delay=data.folders.PROGRESS_DELAY_S)
     with nn.no_grad():
         for x, y in batches:
+            if size is not None:
+                x = data.resize(x, size)
             logits = model.forward(x)
+            if flip:
+                logits = (logits + model.forward(x[..., ::-1])) * 0.5
             total_loss += criterion.forward(logits, y) * len(y)
             bad += F.label_errors(y, num_classes)
             # per-class counts as sums of a one-hot (B, K) mask: bincount would read the largest
@@ -201,7 +249,7 @@ class Trainer:
         """Continue from out/last.npz: weights, optimiser state, epoch counter, history."""
         path = self.out / "last.npz"
         model_state, optim_state, meta = load_checkpoint(path)
-        saved = asdict(TrainConfig(**meta["train_config"]))   # settings added since: their defaults
+        saved = asdict(TrainConfig.from_saved(meta["train_config"]))
         if saved != asdict(self.tc):
             diff = {k: (saved.get(k), v) for k, v in asdict(self.tc).items() if saved.get(k) != v}
             raise CheckpointError(f"{path} was written by a run with other settings "
@@ -235,9 +283,11 @@ class Trainer:
         # running sums stay on the device: reading one back waits for the GPU, so they are read
         # together once per logging interval, not every step
         loss_sum, correct, bad, seen = xp.zeros(()), xp.zeros(()), xp.zeros(()), 0
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not self.progress, leave=False)
+        size = tc.image_size(epoch, self.mc.image_size)
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs} at {size}x{size}",
+                   disable=not self.progress, leave=False)
         start = time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader.epoch(epoch)):
+        for i, (x, y) in enumerate(self.train_loader.epoch(epoch, size)):
             opt.lr = cosine_lr(epoch * steps + i, total_steps, tc.lr, warmup, tc.min_lr)
             model.zero_grad()
             logits = model.forward(x)
@@ -266,7 +316,7 @@ class Trainer:
         backend.synchronize()
         bar.close()
         seconds = time.perf_counter() - start
-        return {"train_loss": host_loss / seen, "train_acc": host_correct / seen,
+        return {"image_size": size, "train_loss": host_loss / seen, "train_acc": host_correct / seen,
                 "seconds": seconds, "images_per_s": seen / seconds, "lr": opt.lr}
 
     def fit(self):
@@ -274,10 +324,16 @@ class Trainer:
         for epoch in range(self.start_epoch, self.tc.epochs):
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
             if self.val_loader is not None:
-                val_loss, val_acc, _ = evaluate(self.model, self.val_loader, len(self.classes), self.progress)
+                # at the epoch's training size: a model half-way through the small epochs is
+                # judged on images like the ones it is learning from
+                val_loss, val_acc, _ = evaluate(self.model, self.val_loader, len(self.classes), self.progress,
+                                                flip=self.tc.eval_flip, size=record["image_size"])
                 record.update(val_loss=val_loss, val_acc=val_acc)
             self.history.append(record)
-            improved = record.get("val_acc", -record["train_loss"]) > self.best_acc
+            # best.npz among the epochs at full size, where the validation score is the one
+            # `minicvt eval` reproduces (a smaller epoch's is of smaller images)
+            improved = (record["image_size"] == self.mc.image_size
+                        and record.get("val_acc", -record["train_loss"]) > self.best_acc)
             if improved:
                 self.best_acc = record.get("val_acc", -record["train_loss"])
             save_checkpoint(self.out / "last.npz", self.model, self.optimizer, self._meta(epoch))
@@ -318,7 +374,7 @@ def evaluate_checkpoint(path, data_path, split=None, batch_size=500, cache_dir=N
     data, 'all' on any other."""
     from .models import from_checkpoint
     model_state, _, meta = load_checkpoint(path)
-    tc = TrainConfig(**meta["train_config"])
+    tc = TrainConfig.from_saved(meta["train_config"])
     if split == "test" and Path(data_path).exists() and not data.has_test_split(data_path):
         raise data.DataError(f"--split test: {data_path} has no test split (only 'cifar10' and the official "
                              f"archive cifar-10-python.tar.gz have one); --split all scores every image of it")
@@ -333,7 +389,7 @@ def evaluate_checkpoint(path, data_path, split=None, batch_size=500, cache_dir=N
     model = from_checkpoint(model_state, meta, path, np.dtype(tc.dtype))
     norm = meta["normalization"]
     loader = data.Loader(images, labels, batch_size, norm["mean"], norm["std"], dtype=np.dtype(tc.dtype))
-    loss, acc, per_class = evaluate(model, loader, len(classes), progress)
+    loss, acc, per_class = evaluate(model, loader, len(classes), progress, flip=tc.eval_flip)
     return loss, acc, per_class, list(classes), len(labels), split
 
 

@@ -44,10 +44,11 @@ def folder(tmp_path_factory):
 
 
 def tiny_run(folder, **overrides):
-    """A TrainConfig for the tiny folder: 36 training images (4 steps of 8), 12 validation."""
+    """A TrainConfig for the tiny folder: 36 training images (4 steps of 8), 12 validation; at
+    full size throughout, validated without flips (tests/test_progressive.py has those)."""
     fields = dict(data=str(folder), val_size=12, batch_size=8, epochs=3, limit_train=0,
                   optimizer="adamw", lr=3e-3, warmup_epochs=0.5, label_smoothing=0.0,
-                  crop_padding=2, augment=False, seed=0)
+                  crop_padding=2, augment=False, seed=0, resolutions="", eval_flip=False)
     fields.update(overrides)
     return TrainConfig(**fields)
 
@@ -72,7 +73,7 @@ def test_overfits_and_writes_metrics_curves_and_checkpoints(folder, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [r["epoch"] for r in records] == list(range(1, 9))
-    keys = {"epoch", "train_loss", "train_acc", "seconds", "images_per_s", "lr", "val_loss", "val_acc"}
+    keys = {"epoch", "image_size", "train_loss", "train_acc", "seconds", "images_per_s", "lr", "val_loss", "val_acc"}
     assert all(set(r) == keys for r in records), records[0]
     assert untimed(records) == untimed(history)
 
@@ -106,13 +107,15 @@ def _assert_same_state(a, b):
         np.testing.assert_array_equal(oa[k], ob[k], err_msg=k)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_resume_after_interrupt_is_bit_identical(folder, tmp_path, monkeypatch, optimizer):
-    # augmentation, dropout and drop path all draw random numbers: resuming must redraw them
+@pytest.mark.parametrize("optimizer, resolutions", [("adamw", ""), ("sgd", ""), ("adamw", "8:0.34,12:0.33")])
+def test_resume_after_interrupt_is_bit_identical(folder, tmp_path, monkeypatch, optimizer, resolutions):
+    # augmentation, dropout and drop path all draw random numbers: resuming must redraw them.
+    # With progressive resizing the three epochs run at 8x8, 12x12 and 16x16: the interrupted
+    # third epoch resumes at its own size, validated with flips
     mc = tiny_config(depth=(1, 2), drop_rate=(0.1, 0.1), attn_drop_rate=(0.1, 0.1),
                      drop_path_rate=(0.0, 0.3))
     tc = tiny_run(folder, epochs=3, optimizer=optimizer, lr=1e-2 if optimizer == "adamw" else 0.05,
-                  augment=True)
+                  augment=True, resolutions=resolutions, eval_flip=bool(resolutions))
     a = make_trainer(tc, tmp_path / "a", mc)
     a.fit()
 
@@ -134,6 +137,7 @@ def test_resume_after_interrupt_is_bit_identical(folder, tmp_path, monkeypatch, 
     resumed.resume()
     assert resumed.start_epoch == 2
     resumed.fit()
+    assert [h["image_size"] for h in resumed.history] == ([8, 12, 16] if resolutions else [16] * 3)
     _assert_same_state(a, resumed)
     assert untimed(resumed.history) == untimed(a.history)
     assert resumed.best_acc == a.best_acc
@@ -206,6 +210,9 @@ def test_evaluate_matches_a_direct_forward_pass(folder, xp):
     ("lr", -0.1, "lr must be > 0"), ("lr", 0.0, "lr must be > 0"),
     ("weight_decay", -1e-4, "weight_decay must be >= 0"), ("warmup_epochs", -1, "warmup_epochs must be >= 0"),
     ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\)"), ("limit_train", -5, "limit_train must be >= 0"),
+    ("resolutions", "16", "'16' is not SIZE:FRACTION"), ("resolutions", "16:a", "'16:a' is not SIZE:FRACTION"),
+    ("resolutions", "2:0.5", "a size >= 4 and a fraction in"), ("resolutions", "16:0", "a size >= 4"),
+    ("resolutions", "16:0.6,24:0.5", "add up to more than 1"),
 ])
 def test_train_config_refuses_settings_that_make_no_sense(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -13,7 +13,8 @@ import numpy as np
 from .cifar10 import CIFAR10_MD5, CIFAR10_URL, CLASSES, fetch_cifar10, load_cifar10_archive
 from .download import DataError, default_cache_dir, download, md5sum, verified
 from .folders import load_image_files, load_image_folder
-from .pipeline import Loader, channel_stats, normalize, random_crop, random_hflip, split_indices
+from .pipeline import (Loader, channel_stats, normalize, random_crop, random_hflip, resize,
+                       resize_matrix, split_indices)
 
 
 def load_dataset(data, split="train", cache_dir=None, progress=True):

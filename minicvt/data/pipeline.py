@@ -60,6 +60,32 @@ def random_hflip(x, rng):
     return xp.where(flip[:, None, None, None], x[..., ::-1], x)
 
 
+def resize_matrix(n_in, n_out):
+    """(n_out, n_in) float64 weights of a linear resize along one axis, antialiased as Pillow's
+    (and torch's antialias=True) bilinear filter: output pixel i is centred at (i + 1/2) s in
+    input pixels, s = n_in / n_out, and averages its neighbours with a triangle of half-width
+    max(s, 1), so that a downscale by s averages over s pixels instead of skipping them. Each
+    row sums to 1 (near the border, over the pixels that exist)."""
+    s = n_in / n_out
+    half = max(s, 1.0)
+    centre = (np.arange(n_out) + 0.5) * s                        # (n_out,) in input pixels
+    offset = (np.arange(n_in) + 0.5)[None, :] - centre[:, None]  # (n_out, n_in)
+    w = np.maximum(0.0, 1.0 - np.abs(offset) / half)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def resize(x, size):
+    """Images x (B, C, H, W) on the backend -> (B, C, size, size) by the separable resize of
+    resize_matrix: two matrix products, rows then columns, x' = R_H x R_Wᵀ per image and
+    channel. Used by progressive resizing to train the first epochs on smaller images."""
+    B, C, H, W = x.shape
+    if (H, W) == (size, size):
+        return x
+    rows = backend.to_device(resize_matrix(H, size), dtype=x.dtype)      # (size, H)
+    cols = backend.to_device(resize_matrix(W, size).T, dtype=x.dtype)    # (W, size)
+    return rows @ x @ cols                                               # (B, C, size, size)
+
+
 class Loader:
     """Batches of one split, on the active backend.
 
@@ -67,6 +93,8 @@ class Loader:
     `epoch(e)` yields (x (B, 3, H, W) dtype, y (B,) int64) for epoch e: shuffled by a
     permutation seeded with (seed, e) when shuffle, augmented (random crop with `crop_padding`,
     horizontal flip) when augment. The last partial batch is kept unless drop_last.
+    `epoch(e, size=S)` resizes each batch to S×S after augmenting it at the images' own size
+    (so the crop's padding shrinks with the image).
     """
 
     def __init__(self, images, labels, batch_size, mean, std, shuffle=False, augment=False,
@@ -88,7 +116,7 @@ class Loader:
         n, b = len(self.labels), self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
-    def epoch(self, e):
+    def epoch(self, e, size=None):
         n = len(self.labels)
         order = np.random.default_rng([self.seed, e]).permutation(n) if self.shuffle else np.arange(n)
         rng = backend.BackendRNG(self.seed * 1_000_003 + e)   # augmentation stream of this epoch
@@ -97,4 +125,6 @@ class Loader:
             x = normalize(self.images[idx], self.mean, self.std, self.dtype)
             if self.augment:
                 x = random_hflip(random_crop(x, self.crop_padding, rng), rng)
+            if size is not None:
+                x = resize(x, size)
             yield x, self.labels[idx]

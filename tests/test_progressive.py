@@ -1,0 +1,152 @@
+"""Progressive resizing and flip test-time augmentation, the two pieces of the one-hour recipe:
+the resize against a loop over its definition and against torch's antialiased bilinear
+interpolation, the epoch plan of `--resolutions`, the loader's resized batches, `evaluate` with
+flips against direct forward passes, and a run whose epochs change size (its resume is in
+test_train.py). Old checkpoints, written before either existed, keep training as they did."""
+import json
+
+import numpy as np
+import pytest
+
+from cvt_tiny import tiny_config
+from minicvt import backend, data, nn
+from minicvt.checkpoint import load_checkpoint, save_checkpoint
+from minicvt.models import build_model
+from minicvt.train import TrainConfig, evaluate
+from test_train import folder, make_trainer, tiny_run  # noqa: F401  (folder is a fixture)
+
+
+def resize_matrix_loop(n_in, n_out):
+    """The definition, one weight at a time: output pixel i is centred at (i + 1/2) n_in/n_out
+    input pixels; input pixel j (centred at j + 1/2) weighs 1 - distance / half-width, where
+    the half-width is the scale (at least 1), and is left out beyond it; each row normalised."""
+    scale = n_in / n_out
+    half = max(scale, 1.0)
+    R = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        for j in range(n_in):
+            distance = abs((j + 0.5) - (i + 0.5) * scale)
+            if distance < half:
+                R[i, j] = 1.0 - distance / half
+        R[i] /= R[i].sum()
+    return R
+
+
+@pytest.mark.parametrize("n_in, n_out", [(32, 16), (32, 24), (32, 20), (16, 8), (16, 12), (32, 40), (5, 5)])
+def test_resize_matrix_follows_its_definition(n_in, n_out):
+    R = data.resize_matrix(n_in, n_out)
+    assert R.shape == (n_out, n_in)
+    np.testing.assert_allclose(R, resize_matrix_loop(n_in, n_out), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(R.sum(axis=1), 1.0, rtol=0, atol=1e-15)
+    if n_in == 2 * n_out:            # a halving averages 4 pixels: 1/8, 3/8, 3/8, 1/8 inside
+        np.testing.assert_allclose(R[1, 1:5], [1 / 8, 3 / 8, 3 / 8, 1 / 8], rtol=0, atol=1e-15)
+    if n_in == n_out:
+        np.testing.assert_array_equal(R, np.eye(n_in))
+
+
+@pytest.mark.parametrize("size", [16, 24, 20, 40])
+def test_resize_equals_torch_antialiased_bilinear(size):
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32))
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear",
+                                          antialias=True, align_corners=False).numpy()
+    np.testing.assert_allclose(data.resize(x, size), ref, rtol=0, atol=1e-12)
+
+
+def test_resize_on_each_backend(xp):
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    out = data.resize(backend.to_device(x), 16)
+    assert isinstance(out, xp.ndarray) and out.shape == (2, 3, 16, 16) and out.dtype == np.float32
+    R = data.resize_matrix(32, 16)
+    np.testing.assert_allclose(backend.to_numpy(out), np.einsum("ih,bchw,jw->bcij", R, x, R), rtol=1e-5, atol=1e-6)
+    assert data.resize(x, 32) is x                    # the images' own size: nothing to do
+
+
+def test_resolution_plan_splits_the_epochs_by_fraction():
+    tc = TrainConfig(epochs=22, resolutions="16:0.45,24:0.27")
+    # 0.45 * 22 = 9.9 -> epochs 0..9 at 16; 0.72 * 22 = 15.84 -> 10..15 at 24; the rest full size
+    assert tc.resolution_plan() == [(16, 0, 10), (24, 10, 16)]
+    assert [tc.image_size(e, 32) for e in range(22)] == [16] * 10 + [24] * 6 + [32] * 6
+    assert TrainConfig(epochs=5, resolutions="").resolution_plan() == []
+    assert [TrainConfig(epochs=3, resolutions=" 8:0.34, 12:0.33 ").image_size(e, 16) for e in range(3)] == [8, 12, 16]
+    # the last epoch is always at full size, even where the fractions leave it none
+    assert [TrainConfig(epochs=2, resolutions="16:1").image_size(e, 32) for e in range(2)] == [16, 32]
+    assert [TrainConfig(epochs=1).image_size(0, 32)] == [32]
+
+
+def test_loader_resizes_after_augmenting_at_full_size():
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (20, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 20)
+    loader = data.Loader(images, labels, 8, *data.channel_stats(images), shuffle=True, augment=True, seed=3)
+    full = list(loader.epoch(2))
+    small = list(loader.epoch(2, size=16))
+    assert len(full) == len(small) == 3
+    for (x, y), (xs, ys) in zip(full, small):        # the same images, crops and flips, then resized
+        assert xs.shape == (len(y), 3, 16, 16)
+        np.testing.assert_array_equal(ys, y)
+        np.testing.assert_allclose(xs, data.resize(x, 16), rtol=0, atol=1e-6)
+
+
+def test_evaluate_with_flips_averages_the_mirrored_logits(folder, xp):  # noqa: F811
+    images, labels, classes = data.load_dataset(str(folder))
+    mean, std = data.channel_stats(images)
+    model = build_model(tiny_config(), seed=3, dtype=np.float64)
+    loader = data.Loader(images, labels, 11, mean, std, dtype=np.float64)
+    x = data.normalize(backend.to_device(images), backend.to_device(mean), backend.to_device(std), np.float64)
+    y = backend.to_device(labels)
+    for size in (None, 12):
+        loss, acc, _ = evaluate(model, loader, len(classes), flip=True, size=size)
+        xs = x if size is None else data.resize(x, size)
+        with nn.no_grad():
+            model.eval()
+            logits = (model.forward(xs) + model.forward(xs[..., ::-1])) / 2       # (48, 3)
+            direct_loss = float(nn.CrossEntropyLoss().forward(logits, y))
+        hit = backend.to_numpy(logits).argmax(axis=1) == labels
+        assert acc == pytest.approx(hit.mean(), abs=1e-12), size
+        assert loss == pytest.approx(direct_loss, rel=1e-12), size
+        # the mirrors count: without them the loss is another one
+        assert evaluate(model, loader, len(classes), size=size)[0] != pytest.approx(loss, rel=1e-6), size
+
+
+def test_a_progressive_run_trains_and_validates_each_epoch_at_its_size(folder, tmp_path, monkeypatch):  # noqa: F811
+    tc = tiny_run(folder, epochs=4, resolutions="8:0.5,12:0.25", eval_flip=True)
+    trainer = make_trainer(tc, tmp_path)
+    seen = []
+    real_forward = trainer.model.forward
+    monkeypatch.setattr(trainer.model, "forward", lambda x: seen.append((trainer.model.training, x.shape[-1]))
+                        or real_forward(x))
+    history = trainer.fit()
+    assert [h["image_size"] for h in history] == [8, 8, 12, 16]
+    train_sizes = [s for training, s in seen if training]
+    val_sizes = [s for training, s in seen if not training]
+    assert train_sizes == [8] * 8 + [12] * 4 + [16] * 4                   # 4 steps an epoch
+    # validation at the epoch's size, its one batch of 12 twice (the images, their mirrors)
+    assert val_sizes == [8, 8, 8, 8, 12, 12, 16, 16]
+    # best.npz is chosen among the full-size epochs (here only the last), whatever the smaller
+    # epochs scored on their smaller images
+    assert load_checkpoint(tmp_path / "best.npz")[2]["epoch"] == 3
+
+
+def test_checkpoints_from_before_the_recipe_keep_their_behaviour(folder, tmp_path):  # noqa: F811
+    """A run saved before --resolutions and flips existed trained at full size and validated
+    without flips: resuming it must go on that way, not switch to the new defaults."""
+    tc = tiny_run(folder, epochs=2)
+    trainer = make_trainer(tc, tmp_path)
+    trainer.train_epoch = lambda epoch: (_ for _ in ()).throw(KeyboardInterrupt) if epoch else \
+        type(trainer).train_epoch(trainer, epoch)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    model_state, optim_state, meta = load_checkpoint(tmp_path / "last.npz")
+    for key in ("resolutions", "eval_flip"):                # as an older minicvt wrote it
+        del meta["train_config"][key]
+    model = build_model(tiny_config())
+    model.load_state_dict(model_state)
+    opt = trainer.optimizer
+    opt.load_state_dict(optim_state)
+    save_checkpoint(tmp_path / "last.npz", model, opt, meta)
+    old = TrainConfig.from_saved(meta["train_config"])
+    assert old.resolutions == "" and old.eval_flip is False
+    resumed = make_trainer(old, tmp_path)
+    resumed.resume()
+    assert resumed.fit()[-1]["image_size"] == 16
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
