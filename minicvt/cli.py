@@ -112,11 +112,14 @@ def cmd_train(args):
                              f"(with --data, --epochs and any other settings)")
         tc = TrainConfig.from_saved(saved)
     else:
+        if "minutes" in given and "epochs" in given:
+            raise ValueError("give --epochs or --minutes, not both: --minutes plans the number of epochs")
         tc = TrainConfig(**given)
     get_config(tc.model)      # an unknown name fails now, not after loading (or downloading) the data
     trainer = Trainer(tc, args.out, progress=not args.quiet, cache_dir=args.cache_dir, resuming=args.resume)
     if args.resume:
         trainer.resume()
+    tc = trainer.tc                 # with --minutes, the number of epochs it planned
     print(f"training {tc.model} on {tc.data} with {args.backend}: "
           f"{len(trainer.train_loader) * tc.batch_size} images/epoch, {tc.epochs} epochs -> {args.out}")
     print(json.dumps(asdict(tc)))
@@ -213,6 +216,8 @@ def build_parser():
     p.add_argument("--data", help="'cifar10' (download), the official archive, or an image folder / its tar")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=None, help=BACKEND_HELP)
     p.add_argument("--epochs", type=int, help="default 24 (under an hour on 2 CPU cores)")
+    p.add_argument("--minutes", type=float, help="instead of --epochs: as many epochs as fit in this many "
+                   "minutes on this machine, loading included (timed at the start, then fixed)")
     p.add_argument("--batch-size", type=int, help="default 128")
     p.add_argument("--lr", type=float, help="peak learning rate (default: adamw 1e-3, sgd 0.1)")
     p.add_argument("--min-lr", type=float, help="where the cosine ends (default 0)")

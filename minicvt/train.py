@@ -8,7 +8,8 @@ The loop itself is the five lines every trainer has:
     model.backward(criterion.backward())         # fills every param.grad
     optimizer.step()
 
-Around it: a cosine learning-rate schedule with warm-up, evaluation after every epoch, metrics
+Around it: a cosine learning-rate schedule with warm-up, progressive resizing (the first
+epochs on smaller images, `TrainConfig.image_size`), evaluation after every epoch, metrics
 appended to metrics.jsonl, curves drawn to curves.png, and an atomic checkpoint after every
 epoch (last.npz, and best.npz when validation accuracy improves) from which `resume` continues
 exactly: the data order, augmentation and dropout masks of epoch e depend only on (seed, e).
@@ -16,7 +17,7 @@ exactly: the data order, augmentation and dropout masks of epoch e depend only o
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,8 @@ class TrainConfig:
     # images' own size ("" = off)
     resolutions: str = "16:0.5,24:0.25"
     eval_flip: bool = True           # validation averages the logits of each image and its mirror
+    minutes: float = 0.0             # plan the number of epochs to end within this many minutes
+                                     # (0: take `epochs` as given); see Trainer.plan_epochs
 
     # what a checkpoint written before a setting existed did, where that differs from its default
     BEFORE = {"resolutions": "", "eval_flip": False}
@@ -83,18 +86,21 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("min_lr", "weight_decay", "warmup_epochs", "clip_grad", "crop_padding", "limit_train"):
+        for name in ("min_lr", "weight_decay", "warmup_epochs", "clip_grad", "crop_padding", "limit_train",
+                     "minutes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         self.resolution_plan()                        # a malformed schedule fails here
 
-    def resolution_plan(self):
+    def resolution_plan(self, epochs=None):
         """[(size, first epoch, end epoch)] of the progressive-resizing schedule, 0-based, end
         exclusive: segment k ends at round(its cumulative fraction × epochs), and never later
         than the last epoch, which is always at the images' own size: the model saved last has
-        trained at the size it will be used at."""
+        trained at the size it will be used at. epochs: another number of epochs than the
+        run's (to plan one)."""
+        epochs = self.epochs if epochs is None else epochs
         plan, start, total = [], 0, 0.0
         for part in filter(None, self.resolutions.replace(" ", "").split(",")):
             try:
@@ -108,7 +114,7 @@ class TrainConfig:
             total += fraction
             if total > 1 + 1e-9:
                 raise ValueError(f"resolutions {self.resolutions!r}: the fractions add up to more than 1")
-            end = min(int(round(total * self.epochs)), self.epochs - 1)
+            end = min(int(round(total * epochs)), epochs - 1)
             plan.append((size, start, end))
             start = end
         return plan
@@ -116,6 +122,11 @@ class TrainConfig:
     def image_size(self, epoch, native):
         """The side of the training images in (0-based) epoch `epoch`; `native` after the plan."""
         return next((size for size, start, end in self.resolution_plan() if start <= epoch < end), native)
+
+
+PLAN_RESERVE = 0.05           # of a --minutes budget, kept for what plan_epochs does not time
+PLAN_WARMUP, PLAN_STEPS = 2, 3   # steps per image size that plan_epochs runs untimed, then times
+MAX_PLANNED_EPOCHS = 100_000
 
 
 class DivergedError(RuntimeError):
@@ -192,6 +203,7 @@ class Trainer:
                  log_every=20, resuming=False):
         """resuming: the weights will come from resume(), so tc.init_from is not read again
         (it may have moved since the run began)."""
+        began = time.perf_counter()           # a --minutes budget counts the data loading too
         self.tc, self.out, self.log_every = tc, Path(out_dir), log_every
         self.progress, self.log = progress, log
         self.dtype = np.dtype(tc.dtype)
@@ -224,6 +236,61 @@ class Trainer:
         # no label check that reads back every step: the loop counts bad labels on the device
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing, check_labels=False)
         self.start_epoch, self.best_acc, self.history = 0, -1.0, []
+        if tc.minutes and not resuming:       # a resumed run keeps the epochs its plan fixed
+            self.tc = replace(tc, epochs=self.plan_epochs(tc.minutes * 60 - (time.perf_counter() - began)))
+
+    def plan_epochs(self, seconds):
+        """The most epochs that fit in `seconds` (--minutes): each image size of the schedule
+        is timed on a throwaway copy of the model — PLAN_WARMUP warm-up steps (the first steps
+        at a new shape allocate their arrays), then the median of PLAN_STEPS training steps and
+        an evaluation forward of one real batch — and an epoch's time predicted as its
+        steps plus its validation at its size; PLAN_RESERVE of the time is kept for what is
+        not timed (checkpoints, curves). The run's own model and random streams are not
+        touched, so the run then is exactly the one `--epochs N` would give, and N is saved
+        in its settings, so that --resume continues the same plan."""
+        tc, native = self.tc, self.mc.image_size
+        sizes = sorted({size for size, _, _ in tc.resolution_plan(epochs=10**6)} | {native})
+        scratch = build_model(self.mc, seed=tc.seed + 1, dtype=self.dtype)
+        optimizer, criterion = make_optimizer(tc, scratch), nn.CrossEntropyLoss(check_labels=False)
+        x, y = next(iter(self.train_loader.epoch(0)))
+        val_images = len(self.val_loader.labels) if self.val_loader is not None else 0
+        epoch_s = {}
+        for size in sizes:
+            xs, times = data.resize(x, size), []
+            for _ in range(PLAN_WARMUP + PLAN_STEPS):
+                backend.synchronize()
+                start = time.perf_counter()
+                scratch.train().zero_grad()
+                criterion.forward(scratch.forward(xs), y)
+                scratch.backward(criterion.backward())
+                optimizer.step()
+                backend.synchronize()
+                times.append(time.perf_counter() - start)
+            with nn.no_grad():
+                scratch.eval().forward(xs)                                   # warm-up
+                start = time.perf_counter()
+                scratch.forward(xs)
+                backend.synchronize()
+                forward_s = (time.perf_counter() - start) / len(y)          # per image
+            step_s = float(np.median(times[PLAN_WARMUP:]))
+            epoch_s[size] = (len(self.train_loader) * step_s
+                             + val_images * forward_s * (2 if tc.eval_flip else 1))
+
+        def predicted(n):              # seconds of n epochs under the schedule's plan for n
+            plan = tc.resolution_plan(epochs=n)
+            small = sum((end - start) * epoch_s[size] for size, start, end in plan)
+            return small + (n - (plan[-1][2] if plan else 0)) * epoch_s[native]
+        budget, n = seconds * (1 - PLAN_RESERVE), 0
+        while n < MAX_PLANNED_EPOCHS and predicted(n + 1) <= budget:
+            n += 1
+        timings = ", ".join(f"{epoch_s[size]:.0f} s at {size}x{size}" for size in sizes)
+        if n == 0:
+            raise ValueError(f"--minutes {tc.minutes:g}: not one epoch fits ({timings} an epoch here, "
+                             f"after {tc.minutes * 60 - seconds:.0f} s of loading); give more minutes, "
+                             f"or fewer images with --limit-train")
+        self.log(f"--minutes {tc.minutes:g}: {n} epochs planned, predicted {predicted(n) / 60:.1f} minutes "
+                 f"({timings} an epoch, with validation; {PLAN_RESERVE:.0%} kept in reserve)")
+        return n
 
     def _init_from(self, path):
         """Start from the weights of a checkpoint or model file of the same architecture (a
@@ -408,8 +475,17 @@ def plot_curves(history, path):
         b.plot(ep, [h["val_acc"] for h in history], "o-", label="validation")
     a.set(xlabel="epoch", ylabel="loss", title="loss")
     b.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    sizes = [h.get("image_size") for h in history]
+    # progressive resizing: where the image size changes, a dashed line and the new size
+    starts = [i for i, size in enumerate(sizes) if size is not None and (i == 0 or size != sizes[i - 1])]
     for ax in (a, b):
         ax.grid(alpha=0.3)
+        if len(starts) > 1:
+            for i in starts:
+                if i:
+                    ax.axvline(ep[i] - 0.5, color="gray", linestyle="--", linewidth=0.8)
+                ax.text(ep[i] - 0.4, 0.02, f"{sizes[i]}×{sizes[i]}", transform=ax.get_xaxis_transform(),
+                        fontsize=8, color="gray")
         ax.legend()
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")

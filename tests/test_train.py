@@ -45,7 +45,7 @@ def folder(tmp_path_factory):
 
 def tiny_run(folder, **overrides):
     """A TrainConfig for the tiny folder: 36 training images (4 steps of 8), 12 validation; at
-    full size throughout, validated without flips (tests/test_progressive.py has those)."""
+    full size throughout, validated without flips (tests/test_recipe.py has those)."""
     fields = dict(data=str(folder), val_size=12, batch_size=8, epochs=3, limit_train=0,
                   optimizer="adamw", lr=3e-3, warmup_epochs=0.5, label_smoothing=0.0,
                   crop_padding=2, augment=False, seed=0, resolutions="", eval_flip=False)

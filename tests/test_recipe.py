@@ -1,19 +1,21 @@
-"""Progressive resizing and flip test-time augmentation, the two pieces of the one-hour recipe:
-the resize against a loop over its definition and against torch's antialiased bilinear
-interpolation, the epoch plan of `--resolutions`, the loader's resized batches, `evaluate` with
-flips against direct forward passes, and a run whose epochs change size (its resume is in
-test_train.py). Old checkpoints, written before either existed, keep training as they did."""
+"""The pieces of the one-hour recipe. Progressive resizing: the resize against a loop over its
+definition and against torch's antialiased bilinear interpolation, the epoch plan of
+`--resolutions`, the loader's resized batches, and a run whose epochs change size (its resume
+is in test_train.py). Flip test-time augmentation: `evaluate` against direct forward passes.
+`--minutes`: the plan's arithmetic on a fake clock, and a planned run equal, bit for bit, to
+the run of `--epochs` with the number it planned. Old checkpoints, written before these
+existed, keep training as they did."""
 import json
 
 import numpy as np
 import pytest
 
 from cvt_tiny import tiny_config
-from minicvt import backend, data, nn
+from minicvt import backend, cli, data, nn, train
 from minicvt.checkpoint import load_checkpoint, save_checkpoint
 from minicvt.models import build_model
 from minicvt.train import TrainConfig, evaluate
-from test_train import folder, make_trainer, tiny_run  # noqa: F401  (folder is a fixture)
+from test_train import _assert_same_state, folder, make_trainer, tiny_run, untimed  # noqa: F401  (a fixture)
 
 
 def resize_matrix_loop(n_in, n_out):
@@ -150,3 +152,53 @@ def test_checkpoints_from_before_the_recipe_keep_their_behaviour(folder, tmp_pat
     resumed.resume()
     assert resumed.fit()[-1]["image_size"] == 16
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+
+
+class FakeClock:
+    """Stands in for the time module in minicvt.train: every perf_counter() call is `tick`
+    seconds after the one before, so every interval the planner times is one tick."""
+    def __init__(self, tick):
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self):
+        self.now += self.tick
+        return self.now
+
+
+def test_minutes_plans_as_many_epochs_as_its_timings_allow(folder, tmp_path, monkeypatch):  # noqa: F811
+    tc = tiny_run(folder, epochs=99, resolutions="8:0.5", eval_flip=True)
+    trainer = make_trainer(tc, tmp_path)
+    monkeypatch.setattr(train, "time", FakeClock(0.1))
+    # each timed step and forward lasts 0.1 s on the fake clock: an epoch is 4 steps (0.4 s)
+    # plus 12 validation images, twice (flips), at 0.1 s per forward of a batch of 8: 0.3 s
+    epoch_s = 4 * 0.1 + 12 * 2 * 0.1 / 8
+    for n in (1, 2, 7):
+        seconds = (n + 0.5) * epoch_s / (1 - train.PLAN_RESERVE)
+        assert trainer.plan_epochs(seconds) == n
+    with pytest.raises(ValueError, match=r"not one epoch fits \(1 s at 8x8, 1 s at 16x16 an epoch here"):
+        trainer.plan_epochs(0.5 * epoch_s)
+
+
+def test_a_minutes_run_is_the_run_of_the_epochs_it_planned(folder, tmp_path, monkeypatch):  # noqa: F811
+    clock = FakeClock(0.1)
+    monkeypatch.setattr(train, "time", clock)
+    epoch_s = 4 * 0.1 + 12 * 2 * 0.1 / 8
+    # loading the data takes a few ticks too: budget 3.5 epochs after them
+    minutes = (3.5 * epoch_s / (1 - train.PLAN_RESERVE) + 2 * 0.1) / 60
+    planned = make_trainer(tiny_run(folder, epochs=1, resolutions="8:0.5", eval_flip=True, minutes=minutes,
+                                    augment=True), tmp_path / "a")
+    assert planned.tc.epochs == 3 and planned.tc.minutes == minutes
+    planned.fit()
+    assert load_checkpoint(tmp_path / "a" / "last.npz")[2]["train_config"]["epochs"] == 3   # kept for --resume
+    fixed = make_trainer(tiny_run(folder, epochs=3, resolutions="8:0.5", eval_flip=True, augment=True),
+                         tmp_path / "b")
+    fixed.fit()
+    _assert_same_state(planned, fixed)                      # the timing steps touched nothing
+    assert untimed(planned.history) == untimed(fixed.history)
+
+
+def test_minutes_and_epochs_together_are_refused(folder, tmp_path, capsys):  # noqa: F811
+    code = cli.main(["train", "--data", str(folder), "--out", str(tmp_path), "--epochs", "3", "--minutes", "5",
+                     "--quiet"])
+    assert code == 2
+    assert "give --epochs or --minutes, not both" in capsys.readouterr().err
