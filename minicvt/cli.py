@@ -102,7 +102,7 @@ def cmd_train(args):
         if not optim_state:
             raise CheckpointError(f"{last} holds no optimiser state (best.npz and inference copies are "
                                   f"saved without it); --resume needs the last.npz its run wrote")
-        saved = meta["train_config"]
+        saved = asdict(TrainConfig.from_saved(meta["train_config"]))   # as the run ran, settings it predates included
         clash = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
         if clash:
             raise ValueError(f"--resume: these flags differ from the run in {args.out} "
@@ -112,7 +112,7 @@ def cmd_train(args):
                              f"(with --data, --epochs and any other settings)")
         tc = TrainConfig.from_saved(saved)
     else:
-        if "minutes" in given and "epochs" in given:
+        if given.get("minutes") and "epochs" in given:
             raise ValueError("give --epochs or --minutes, not both: --minutes plans the number of epochs")
         tc = TrainConfig(**given)
     get_config(tc.model)      # an unknown name fails now, not after loading (or downloading) the data
@@ -134,7 +134,8 @@ def cmd_eval(args):
 
     backend.set_backend(args.backend)
     loss, acc, per_class, classes, n, split = evaluate_checkpoint(
-        args.checkpoint, args.data, args.split, args.batch_size, cache_dir=args.cache_dir, progress=True)
+        args.checkpoint, args.data, args.split, args.batch_size, cache_dir=args.cache_dir, progress=True,
+        flip=False if args.no_flip else None)
     print(f"{args.checkpoint} on {args.data} ({split} split, {n} images): "
           f"accuracy {acc:.4f}, loss {loss:.4f}")
     print(f"{'class':<14}accuracy")
@@ -232,8 +233,9 @@ def build_parser():
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                    help="no random crops or flips")
     p.add_argument("--resolutions", metavar="SIZE:FRACTION,...", help="progressive resizing: the default "
-                   "'16:0.5,24:0.25' trains the first 50 %% of the epochs on images resized to 16x16, the "
-                   "next 25 %% at 24x24, the rest at full size; '' trains at full size throughout")
+                   "'0.5:0.5,0.75:0.25' trains the first 50 %% of the epochs on images resized to half their "
+                   "side (16x16 for CIFAR-10), the next 25 %% at three quarters (24x24), the rest at full "
+                   "size; sizes may be pixels ('16:0.5'); '' trains at full size throughout")
     p.add_argument("--no-eval-flip", dest="eval_flip", action="store_const", const=False,
                    help="validate on the images alone (default: the mean of each image's and its "
                    "mirror's logits)")
@@ -257,6 +259,8 @@ def build_parser():
                         "trained on); all: every image (the default on other data); test: the "
                         "official archive's test batch")
     p.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default 500)")
+    p.add_argument("--no-flip", action="store_true", help="score the images alone (default: as the run "
+                   "validated, with each image's mirror unless it was trained with --no-eval-flip)")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=None, help=BACKEND_HELP)
     p.add_argument("--cache-dir", help=CACHE_HELP)
     p.set_defaults(func=cmd_eval)

@@ -9,7 +9,7 @@ The loop itself is the five lines every trainer has:
     optimizer.step()
 
 Around it: a cosine learning-rate schedule with warm-up, progressive resizing (the first
-epochs on smaller images, `TrainConfig.image_size`), evaluation after every epoch, metrics
+epochs on smaller images, `TrainConfig.train_size`), evaluation after every epoch, metrics
 appended to metrics.jsonl, curves drawn to curves.png, and an atomic checkpoint after every
 epoch (last.npz, and best.npz when validation accuracy improves) from which `resume` continues
 exactly: the data order, augmentation and dropout masks of epoch e depend only on (seed, e).
@@ -55,10 +55,11 @@ class TrainConfig:
     dtype: str = "float32"
     eval_batch_size: int = 500
     init_from: str = ""              # start from this checkpoint's (or model file's) weights
-    # progressive resizing: "16:0.5,24:0.25" trains the first 50 % of the epochs on images
-    # resized to 16x16, the next 25 % at 24x24, and the rest (at least the last epoch) at the
-    # images' own size ("" = off)
-    resolutions: str = "16:0.5,24:0.25"
+    # progressive resizing: "0.5:0.5,0.75:0.25" trains the first 50 % of the epochs on images
+    # resized to half their side (16x16 for CIFAR-10), the next 25 % at three quarters (24x24),
+    # and the rest (at least the last epoch) at their own size; a size may also be given in
+    # pixels ("16:0.5,24:0.25"); "" = off
+    resolutions: str = "0.5:0.5,0.75:0.25"
     eval_flip: bool = True           # validation averages the logits of each image and its mirror
     minutes: float = 0.0             # plan the number of epochs to end within this many minutes
                                      # (0: take `epochs` as given); see Trainer.plan_epochs
@@ -92,36 +93,53 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        self.resolution_plan()                        # a malformed schedule fails here
+        self.resolution_parts()                       # a malformed schedule fails here
 
-    def resolution_plan(self, epochs=None):
-        """[(size, first epoch, end epoch)] of the progressive-resizing schedule, 0-based, end
-        exclusive: segment k ends at round(its cumulative fraction × epochs), and never later
-        than the last epoch, which is always at the images' own size: the model saved last has
-        trained at the size it will be used at. epochs: another number of epochs than the
-        run's (to plan one)."""
-        epochs = self.epochs if epochs is None else epochs
-        plan, start, total = [], 0, 0.0
+    def resolution_parts(self):
+        """[(size, fraction of the epochs)] of `resolutions`: size an int (pixels) or a float in
+        (0, 1) (a fraction of the images' side)."""
+        parts, total = [], 0.0
         for part in filter(None, self.resolutions.replace(" ", "").split(",")):
             try:
                 size, fraction = part.split(":")
-                size, fraction = int(size), float(fraction)
+                size, fraction = (float(size) if "." in size else int(size)), float(fraction)
             except ValueError:
-                raise ValueError(f"resolutions: {part!r} is not SIZE:FRACTION (e.g. '16:0.5,24:0.25' "
-                                 f"trains 50 % of the epochs at 16x16, then 25 % at 24x24)") from None
-            if size < 4 or not 0 < fraction <= 1:
-                raise ValueError(f"resolutions: {part!r} needs a size >= 4 and a fraction in (0, 1]")
+                raise ValueError(f"resolutions: {part!r} is not SIZE:FRACTION (e.g. '0.5:0.5,0.75:0.25' "
+                                 f"trains 50 % of the epochs at half the image side, then 25 % at three "
+                                 f"quarters; '16:0.5' gives the size in pixels)") from None
+            if not (0 < size < 1 if isinstance(size, float) else size >= 4) or not 0 < fraction <= 1:
+                raise ValueError(f"resolutions: {part!r} needs a size in pixels >= 4 or a fraction of "
+                                 f"the side in (0, 1), and a fraction of the epochs in (0, 1]")
             total += fraction
             if total > 1 + 1e-9:
                 raise ValueError(f"resolutions {self.resolutions!r}: the fractions add up to more than 1")
+            parts.append((size, fraction))
+        return parts
+
+    def resolution_plan(self, native, epochs=None):
+        """[(side in pixels, first epoch, end epoch)] of the progressive-resizing schedule for
+        images of side `native`, 0-based, end exclusive. Segment k ends at round(its cumulative
+        fraction × epochs) (Python's round: halves go to the even number), and never later
+        than the last epoch, which is always at the images' own size: the model saved last
+        has trained at the size it will be used at. epochs: another number of epochs than
+        the run's (to plan one)."""
+        epochs = self.epochs if epochs is None else epochs
+        plan, start, total = [], 0, 0.0
+        for size, fraction in self.resolution_parts():
+            side = int(round(size * native)) if isinstance(size, float) else size
+            if side > native:
+                raise ValueError(f"resolutions: {side}x{side} is larger than the {native}x{native} "
+                                 f"images; progressive resizing trains on smaller ones")
+            total += fraction
             end = min(int(round(total * epochs)), epochs - 1)
-            plan.append((size, start, end))
+            plan.append((max(side, 4), start, end))
             start = end
         return plan
 
-    def image_size(self, epoch, native):
+    def train_size(self, epoch, native):
         """The side of the training images in (0-based) epoch `epoch`; `native` after the plan."""
-        return next((size for size, start, end in self.resolution_plan() if start <= epoch < end), native)
+        return next((side for side, start, end in self.resolution_plan(native) if start <= epoch < end),
+                    native)
 
 
 PLAN_RESERVE = 0.05           # of a --minutes budget, kept for what plan_epochs does not time
@@ -229,6 +247,7 @@ class Trainer:
         if labels.min() < 0 or labels.max() >= self.mc.num_classes:     # once, on the host
             raise ValueError(f"{tc.data}: labels range over [{labels.min()}, {labels.max()}] but the "
                              f"model has {self.mc.num_classes} classes")
+        tc.resolution_plan(self.mc.image_size)        # a size larger than the images fails here
         self.model = build_model(self.mc, seed=tc.seed, dtype=self.dtype)
         if tc.init_from and not resuming:
             self._init_from(tc.init_from)
@@ -241,15 +260,17 @@ class Trainer:
 
     def plan_epochs(self, seconds):
         """The most epochs that fit in `seconds` (--minutes): each image size of the schedule
-        is timed on a throwaway copy of the model — PLAN_WARMUP warm-up steps (the first steps
-        at a new shape allocate their arrays), then the median of PLAN_STEPS training steps and
-        an evaluation forward of one real batch — and an epoch's time predicted as its
-        steps plus its validation at its size; PLAN_RESERVE of the time is kept for what is
-        not timed (checkpoints, curves). The run's own model and random streams are not
+        is timed on a throwaway model of the same configuration — PLAN_WARMUP warm-up steps
+        (the first steps at a new shape allocate their arrays), then the median of PLAN_STEPS
+        training steps and an evaluation forward of one real batch — and an epoch's time is
+        predicted as its
+        steps plus its validation at its size; what is left of `seconds` after the timing,
+        less PLAN_RESERVE for what is not timed (checkpoints, curves), is the budget. The run's own model and random streams are not
         touched, so the run then is exactly the one `--epochs N` would give, and N is saved
         in its settings, so that --resume continues the same plan."""
+        began = time.perf_counter()        # the planning's own seconds come out of the budget too
         tc, native = self.tc, self.mc.image_size
-        sizes = sorted({size for size, _, _ in tc.resolution_plan(epochs=10**6)} | {native})
+        sizes = sorted({side for side, _, _ in tc.resolution_plan(native, epochs=10**6)} | {native})
         scratch = build_model(self.mc, seed=tc.seed + 1, dtype=self.dtype)
         optimizer, criterion = make_optimizer(tc, scratch), nn.CrossEntropyLoss(check_labels=False)
         x, y = next(iter(self.train_loader.epoch(0)))
@@ -268,6 +289,7 @@ class Trainer:
                 times.append(time.perf_counter() - start)
             with nn.no_grad():
                 scratch.eval().forward(xs)                                   # warm-up
+                backend.synchronize()
                 start = time.perf_counter()
                 scratch.forward(xs)
                 backend.synchronize()
@@ -277,10 +299,10 @@ class Trainer:
                              + val_images * forward_s * (2 if tc.eval_flip else 1))
 
         def predicted(n):              # seconds of n epochs under the schedule's plan for n
-            plan = tc.resolution_plan(epochs=n)
+            plan = tc.resolution_plan(native, epochs=n)
             small = sum((end - start) * epoch_s[size] for size, start, end in plan)
             return small + (n - (plan[-1][2] if plan else 0)) * epoch_s[native]
-        budget, n = seconds * (1 - PLAN_RESERVE), 0
+        budget, n = (seconds - (time.perf_counter() - began)) * (1 - PLAN_RESERVE), 0
         while n < MAX_PLANNED_EPOCHS and predicted(n + 1) <= budget:
             n += 1
         timings = ", ".join(f"{epoch_s[size]:.0f} s at {size}x{size}" for size in sizes)
@@ -350,11 +372,13 @@ class Trainer:
         # running sums stay on the device: reading one back waits for the GPU, so they are read
         # together once per logging interval, not every step
         loss_sum, correct, bad, seen = xp.zeros(()), xp.zeros(()), xp.zeros(()), 0
-        size = tc.image_size(epoch, self.mc.image_size)
+        size = tc.train_size(epoch, self.mc.image_size)
+        # resized only below full size: images that are not square keep their shape there
+        resize_to = size if size != self.mc.image_size else None
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs} at {size}x{size}",
                    disable=not self.progress, leave=False)
         start = time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader.epoch(epoch, size)):
+        for i, (x, y) in enumerate(self.train_loader.epoch(epoch, resize_to)):
             opt.lr = cosine_lr(epoch * steps + i, total_steps, tc.lr, warmup, tc.min_lr)
             model.zero_grad()
             logits = model.forward(x)
@@ -390,11 +414,13 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         for epoch in range(self.start_epoch, self.tc.epochs):
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+            size = record["image_size"]
+            resize_to = size if size != self.mc.image_size else None
             if self.val_loader is not None:
                 # at the epoch's training size: a model half-way through the small epochs is
                 # judged on images like the ones it is learning from
                 val_loss, val_acc, _ = evaluate(self.model, self.val_loader, len(self.classes), self.progress,
-                                                flip=self.tc.eval_flip, size=record["image_size"])
+                                                flip=self.tc.eval_flip, size=resize_to)
                 record.update(val_loss=val_loss, val_acc=val_acc)
             self.history.append(record)
             # best.npz among the epochs at full size, where the validation score is the one
@@ -433,12 +459,13 @@ def held_out(images, labels, meta, data_path):
     return images[idx], labels[idx]
 
 
-def evaluate_checkpoint(path, data_path, split=None, batch_size=500, cache_dir=None, progress=False):
+def evaluate_checkpoint(path, data_path, split=None, batch_size=500, cache_dir=None, progress=False, flip=None):
     """(loss, accuracy, per-class accuracy, class names, images evaluated, split) of the
     checkpoint at path on data_path. split 'val' re-creates the run's held-out split (the same
     data, seed and size it was trained with), 'all' uses every image, 'test' the official
     archive's test batch (other data has none: refused). None: 'val' on the run's own training
-    data, 'all' on any other."""
+    data, 'all' on any other. flip: score each image with its mirror; None: as the run's
+    validation did (TrainConfig.eval_flip)."""
     from .models import from_checkpoint
     model_state, _, meta = load_checkpoint(path)
     tc = TrainConfig.from_saved(meta["train_config"])
@@ -456,7 +483,8 @@ def evaluate_checkpoint(path, data_path, split=None, batch_size=500, cache_dir=N
     model = from_checkpoint(model_state, meta, path, np.dtype(tc.dtype))
     norm = meta["normalization"]
     loader = data.Loader(images, labels, batch_size, norm["mean"], norm["std"], dtype=np.dtype(tc.dtype))
-    loss, acc, per_class = evaluate(model, loader, len(classes), progress, flip=tc.eval_flip)
+    flip = tc.eval_flip if flip is None else flip          # by default as the run validated
+    loss, acc, per_class = evaluate(model, loader, len(classes), progress, flip=flip)
     return loss, acc, per_class, list(classes), len(labels), split
 
 

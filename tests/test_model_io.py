@@ -178,7 +178,7 @@ def test_train_eval_reach_every_module(xp):
 
 
 def test_minicvt_load_reads_every_model_file_we_write(tmp_path):
-    """minicvt.load: a models.save file, a training checkpoint (last.npz/best.npz) and the float16
+    """minicvt.load: a models.save file, a training checkpoint (last.npz/best.npz) and the inference
     copy shipped in checkpoints/, each as the same model in eval mode."""
     import json
     import minicvt

@@ -13,7 +13,7 @@ import pytest
 from cvt_tiny import tiny_config
 from minicvt import backend, cli, data, nn, train
 from minicvt.checkpoint import load_checkpoint, save_checkpoint
-from minicvt.models import build_model
+from minicvt.models import CvTConfig, build_model
 from minicvt.train import TrainConfig, evaluate
 from test_train import _assert_same_state, folder, make_trainer, tiny_run, untimed  # noqa: F401  (a fixture)
 
@@ -61,19 +61,25 @@ def test_resize_on_each_backend(xp):
     assert isinstance(out, xp.ndarray) and out.shape == (2, 3, 16, 16) and out.dtype == np.float32
     R = data.resize_matrix(32, 16)
     np.testing.assert_allclose(backend.to_numpy(out), np.einsum("ih,bchw,jw->bcij", R, x, R), rtol=1e-5, atol=1e-6)
-    assert data.resize(x, 32) is x                    # the images' own size: nothing to do
+    assert data.resize(out, 16) is out                # the images' own size: nothing to do
 
 
 def test_resolution_plan_splits_the_epochs_by_fraction():
     tc = TrainConfig(epochs=22, resolutions="16:0.45,24:0.27")
     # 0.45 * 22 = 9.9 -> epochs 0..9 at 16; 0.72 * 22 = 15.84 -> 10..15 at 24; the rest full size
-    assert tc.resolution_plan() == [(16, 0, 10), (24, 10, 16)]
-    assert [tc.image_size(e, 32) for e in range(22)] == [16] * 10 + [24] * 6 + [32] * 6
-    assert TrainConfig(epochs=5, resolutions="").resolution_plan() == []
-    assert [TrainConfig(epochs=3, resolutions=" 8:0.34, 12:0.33 ").image_size(e, 16) for e in range(3)] == [8, 12, 16]
+    assert tc.resolution_plan(32) == [(16, 0, 10), (24, 10, 16)]
+    assert [tc.train_size(e, 32) for e in range(22)] == [16] * 10 + [24] * 6 + [32] * 6
+    # the default: half the side for half the epochs, three quarters for a quarter, of any side
+    assert TrainConfig(epochs=24).resolution_plan(32) == [(16, 0, 12), (24, 12, 18)]
+    assert TrainConfig(epochs=24).resolution_plan(224) == [(112, 0, 12), (168, 12, 18)]
+    assert TrainConfig(epochs=9, resolutions="16:0.45,24:0.27").resolution_plan(32) == [(16, 0, 4), (24, 4, 6)]
+    assert TrainConfig(epochs=5, resolutions="").resolution_plan(32) == []
+    assert [TrainConfig(epochs=3, resolutions=" 8:0.34, 12:0.33 ").train_size(e, 16) for e in range(3)] == [8, 12, 16]
     # the last epoch is always at full size, even where the fractions leave it none
-    assert [TrainConfig(epochs=2, resolutions="16:1").image_size(e, 32) for e in range(2)] == [16, 32]
-    assert [TrainConfig(epochs=1).image_size(0, 32)] == [32]
+    assert [TrainConfig(epochs=2, resolutions="16:1").train_size(e, 32) for e in range(2)] == [16, 32]
+    assert [TrainConfig(epochs=1).train_size(0, 32)] == [32]
+    with pytest.raises(ValueError, match="40x40 is larger than the 32x32 images"):
+        TrainConfig(resolutions="40:0.5").resolution_plan(32)
 
 
 def test_loader_resizes_after_augmenting_at_full_size():
@@ -117,6 +123,11 @@ def test_a_progressive_run_trains_and_validates_each_epoch_at_its_size(folder, t
     real_forward = trainer.model.forward
     monkeypatch.setattr(trainer.model, "forward", lambda x: seen.append((trainer.model.training, x.shape[-1]))
                         or real_forward(x))
+    # the smaller the epoch's images, the higher its (pretended) validation score: best.npz must
+    # still be a full-size epoch, the only one whose score `minicvt eval` reproduces
+    real_evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a, size=None, **k: (
+        1.0, 1.0 - (size or 16) / 100, real_evaluate(*a, size=size, **k)[2]))
     history = trainer.fit()
     assert [h["image_size"] for h in history] == [8, 8, 12, 16]
     train_sizes = [s for training, s in seen if training]
@@ -124,8 +135,7 @@ def test_a_progressive_run_trains_and_validates_each_epoch_at_its_size(folder, t
     assert train_sizes == [8] * 8 + [12] * 4 + [16] * 4                   # 4 steps an epoch
     # validation at the epoch's size, its one batch of 12 twice (the images, their mirrors)
     assert val_sizes == [8, 8, 8, 8, 12, 12, 16, 16]
-    # best.npz is chosen among the full-size epochs (here only the last), whatever the smaller
-    # epochs scored on their smaller images
+    assert [h["val_acc"] for h in history] == [0.92, 0.92, 0.88, 0.84]
     assert load_checkpoint(tmp_path / "best.npz")[2]["epoch"] == 3
 
 
@@ -154,6 +164,12 @@ def test_checkpoints_from_before_the_recipe_keep_their_behaviour(folder, tmp_pat
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
 
 
+# the planner's own time on the fake clock, which it takes from the budget: its first reading,
+# then per image size (8 and 16 here) two readings a training step and two for the forward,
+# then the reading that sets the budget: 25 intervals of 0.1 s
+PLANNING_S = (2 * (2 * (train.PLAN_WARMUP + train.PLAN_STEPS) + 2) + 1) * 0.1
+
+
 class FakeClock:
     """Stands in for the time module in minicvt.train: every perf_counter() call is `tick`
     seconds after the one before, so every interval the planner times is one tick."""
@@ -173,7 +189,7 @@ def test_minutes_plans_as_many_epochs_as_its_timings_allow(folder, tmp_path, mon
     # plus 12 validation images, twice (flips), at 0.1 s per forward of a batch of 8: 0.3 s
     epoch_s = 4 * 0.1 + 12 * 2 * 0.1 / 8
     for n in (1, 2, 7):
-        seconds = (n + 0.5) * epoch_s / (1 - train.PLAN_RESERVE)
+        seconds = PLANNING_S + (n + 0.5) * epoch_s / (1 - train.PLAN_RESERVE)
         assert trainer.plan_epochs(seconds) == n
     with pytest.raises(ValueError, match=r"not one epoch fits \(1 s at 8x8, 1 s at 16x16 an epoch here"):
         trainer.plan_epochs(0.5 * epoch_s)
@@ -183,8 +199,9 @@ def test_a_minutes_run_is_the_run_of_the_epochs_it_planned(folder, tmp_path, mon
     clock = FakeClock(0.1)
     monkeypatch.setattr(train, "time", clock)
     epoch_s = 4 * 0.1 + 12 * 2 * 0.1 / 8
-    # loading the data takes a few ticks too: budget 3.5 epochs after them
-    minutes = (3.5 * epoch_s / (1 - train.PLAN_RESERVE) + 2 * 0.1) / 60
+    # loading the data takes one interval on the fake clock, the planning PLANNING_S: budget 3.5
+    # epochs after them
+    minutes = (0.1 + PLANNING_S + 3.5 * epoch_s / (1 - train.PLAN_RESERVE)) / 60
     planned = make_trainer(tiny_run(folder, epochs=1, resolutions="8:0.5", eval_flip=True, minutes=minutes,
                                     augment=True), tmp_path / "a")
     assert planned.tc.epochs == 3 and planned.tc.minutes == minutes
@@ -202,3 +219,34 @@ def test_minutes_and_epochs_together_are_refused(folder, tmp_path, capsys):  # n
                      "--quiet"])
     assert code == 2
     assert "give --epochs or --minutes, not both" in capsys.readouterr().err
+
+
+def test_a_resumed_minutes_run_keeps_its_plan(folder, tmp_path, monkeypatch):  # noqa: F811
+    """--resume of a --minutes run takes the epochs its checkpoint saved; it plans nothing."""
+    monkeypatch.setattr(train.Trainer, "plan_epochs", lambda self, seconds: pytest.fail("planned again"))
+    tc = tiny_run(folder, epochs=7, minutes=30.0)
+    resumed = train.Trainer(tc, tmp_path, model_config=tiny_config(), progress=False, log=lambda *a: None,
+                            resuming=True)
+    assert resumed.tc.epochs == 7
+
+
+def test_an_old_run_resumes_from_the_command_line_with_its_own_settings(folder, tmp_path, capsys):  # noqa: F811
+    """A checkpoint written before --resolutions and flips existed ran without them: --resume
+    accepts `--resolutions ''` and `--no-eval-flip` (what it ran with) and refuses the new
+    defaults given explicitly, naming the setting."""
+    from test_cli_train import train_argv
+    out = tmp_path / "run"
+    assert cli.main(train_argv(folder, out, resolutions="") + ["--no-eval-flip"]) == 0
+    model_state, optim_state, meta = load_checkpoint(out / "last.npz")
+    for key in ("resolutions", "eval_flip", "minutes"):      # as an older minicvt wrote it
+        del meta["train_config"][key]
+    model = build_model(CvTConfig(**meta["model_config"]))
+    model.load_state_dict(model_state)
+    from minicvt.optim import AdamW
+    opt = AdamW(model.named_parameters(), 1e-3)
+    opt.load_state_dict(optim_state)
+    save_checkpoint(out / "last.npz", model, opt, meta)
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--out", str(out), "--resolutions", "", "--no-eval-flip", "--quiet"]) == 0
+    assert cli.main(["train", "--resume", "--out", str(out), "--resolutions", "0.5:0.5", "--quiet"]) == 2
+    assert "'resolutions': ('', '0.5:0.5')" in capsys.readouterr().err

@@ -74,6 +74,9 @@ def resize_matrix(n_in, n_out):
     return w / w.sum(axis=1, keepdims=True)
 
 
+_RESIZE_MATRICES = {}          # (n_in, n_out, dtype, array module) -> R: made once, kept on the device
+
+
 def resize(x, size):
     """Images x (B, C, H, W) on the backend -> (B, C, size, size) by the separable resize of
     resize_matrix: two matrix products, rows then columns, x' = R_H x R_Wᵀ per image and
@@ -81,9 +84,14 @@ def resize(x, size):
     B, C, H, W = x.shape
     if (H, W) == (size, size):
         return x
-    rows = backend.to_device(resize_matrix(H, size), dtype=x.dtype)      # (size, H)
-    cols = backend.to_device(resize_matrix(W, size).T, dtype=x.dtype)    # (W, size)
-    return rows @ x @ cols                                               # (B, C, size, size)
+    xp = get_array_module(x)
+
+    def matrix(n):                # (size, n) on x's device, copied there once, not every batch
+        key = (n, size, x.dtype.str, xp.__name__)
+        if key not in _RESIZE_MATRICES:
+            _RESIZE_MATRICES[key] = xp.asarray(resize_matrix(n, size).astype(x.dtype))
+        return _RESIZE_MATRICES[key]
+    return matrix(H) @ x @ matrix(W).T                                   # (B, C, size, size)
 
 
 class Loader:

@@ -36,8 +36,8 @@ def save(model, path):
 def load(path, dtype=None):
     """Any model file minicvt writes, as a model in eval mode on the active backend (`.train()`
     switches it back):
-    - a checkpoint of `minicvt train` (last.npz, best.npz, or the float16 copy shipped in
-      checkpoints/), in its run's dtype; the model's `classes` and `normalization` (per-channel
+    - a checkpoint of `minicvt train` (last.npz, best.npz, or an inference
+      copy such as the one shipped in checkpoints/), in its run's dtype; the model's `classes` and `normalization` (per-channel
       mean and std on the 0..1 scale, what its inputs were normalised with) come from the run;
     - a model file written by `save`, in its saved dtype (`classes` and `normalization` None).
     dtype replaces the file's."""
