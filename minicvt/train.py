@@ -259,15 +259,15 @@ class Trainer:
             self.tc = replace(tc, epochs=self.plan_epochs(tc.minutes * 60 - (time.perf_counter() - began)))
 
     def plan_epochs(self, seconds):
-        """The most epochs that fit in `seconds` (--minutes): each image size of the schedule
-        is timed on a throwaway model of the same configuration — PLAN_WARMUP warm-up steps
+        """The most epochs that fit in `seconds` (--minutes). Each image size of the schedule
+        is timed on a throwaway model of the same configuration: PLAN_WARMUP warm-up steps
         (the first steps at a new shape allocate their arrays), then the median of PLAN_STEPS
-        training steps and an evaluation forward of one real batch — and an epoch's time is
-        predicted as its
-        steps plus its validation at its size; what is left of `seconds` after the timing,
-        less PLAN_RESERVE for what is not timed (checkpoints, curves), is the budget. The run's own model and random streams are not
-        touched, so the run then is exactly the one `--epochs N` would give, and N is saved
-        in its settings, so that --resume continues the same plan."""
+        training steps, and an evaluation forward of one real batch. An epoch's time is
+        predicted as its steps plus its validation at its size; what is left of `seconds`
+        after the timing, less PLAN_RESERVE for what is not timed (checkpoints, curves), is
+        the budget. The run's own model and random streams are not touched, so the run then
+        is exactly the one `--epochs N` would give, and N is saved in its settings, so that
+        --resume continues the same plan."""
         began = time.perf_counter()        # the planning's own seconds come out of the budget too
         tc, native = self.tc, self.mc.image_size
         sizes = sorted({side for side, _, _ in tc.resolution_plan(native, epochs=10**6)} | {native})
@@ -361,6 +361,11 @@ class Trainer:
         tmp.replace(self.out / "metrics.jsonl")
 
     # -- the loop ------------------------------------------------------------------------------
+    def _resize_to(self, size):
+        """What the loaders and `evaluate` are asked to resize to for an epoch at `size`: only a
+        smaller size, never the full one, so that images that are not square keep their shape."""
+        return size if size != self.mc.image_size else None
+
     def train_epoch(self, epoch):
         tc, model, opt, crit = self.tc, self.model, self.optimizer, self.criterion
         model.train()
@@ -373,12 +378,10 @@ class Trainer:
         # together once per logging interval, not every step
         loss_sum, correct, bad, seen = xp.zeros(()), xp.zeros(()), xp.zeros(()), 0
         size = tc.train_size(epoch, self.mc.image_size)
-        # resized only below full size: images that are not square keep their shape there
-        resize_to = size if size != self.mc.image_size else None
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs} at {size}x{size}",
                    disable=not self.progress, leave=False)
         start = time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader.epoch(epoch, resize_to)):
+        for i, (x, y) in enumerate(self.train_loader.epoch(epoch, self._resize_to(size))):
             opt.lr = cosine_lr(epoch * steps + i, total_steps, tc.lr, warmup, tc.min_lr)
             model.zero_grad()
             logits = model.forward(x)
@@ -414,13 +417,11 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         for epoch in range(self.start_epoch, self.tc.epochs):
             record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
-            size = record["image_size"]
-            resize_to = size if size != self.mc.image_size else None
             if self.val_loader is not None:
                 # at the epoch's training size: a model half-way through the small epochs is
                 # judged on images like the ones it is learning from
                 val_loss, val_acc, _ = evaluate(self.model, self.val_loader, len(self.classes), self.progress,
-                                                flip=self.tc.eval_flip, size=resize_to)
+                                                flip=self.tc.eval_flip, size=self._resize_to(record["image_size"]))
                 record.update(val_loss=val_loss, val_acc=val_acc)
             self.history.append(record)
             # best.npz among the epochs at full size, where the validation score is the one
