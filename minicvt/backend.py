@@ -145,20 +145,11 @@ def synchronize():
         _state["xp"].cuda.get_current_stream().synchronize()
 
 
-def erf(x):
-    """Elementwise error function on either backend, keeping x's dtype (exact GELU needs it;
-    NumPy has no erf, so SciPy's ufunc is used on the host and cupyx's kernel on the GPU)."""
-    if is_cupy_array(x):
-        from cupyx.scipy.special import erf as cupy_erf
-        return cupy_erf(x)
-    from scipy.special import erf as scipy_erf
-    return scipy_erf(x)
-
-
 def erfc(x, out=None):
-    """Elementwise complementary error function 1 - erf(x), like `erf` above (into `out`
-    when given). For large x it keeps the digits that 1 - erf(x) would lose to cancellation
-    (exact GELU's left tail)."""
+    """Elementwise complementary error function 1 - erf(x), keeping x's dtype (into `out` when
+    given): NumPy has none, so SciPy's ufunc is used on the host and cupyx's kernel on the GPU.
+    Exact GELU needs it: for large x it keeps the digits that 1 - erf(x) would lose to
+    cancellation (the left tail)."""
     if is_cupy_array(x):
         from cupyx.scipy.special import erfc as cupy_erfc
         return cupy_erfc(x, out=out)

@@ -6,7 +6,7 @@ import contextlib
 import numpy as np
 import pytest
 
-from minicvt import backend
+from minicvt import backend, kernels
 
 import cupy_emulation
 
@@ -45,6 +45,15 @@ def xp(request):
             yield backend.set_backend("numpy" if request.param == "numpy" else "cupy")
     finally:          # outside the emulation, so that a previous 'cupy' is the real one again
         backend.set_backend(previous)
+
+
+@pytest.fixture(params=kernels.NAMES)
+def both_kernels(request):
+    """The test runs once with each set of layer functions (minicvt.kernels): a test module
+    that writes `pytestmark = pytest.mark.usefixtures("both_kernels")` and calls its layers
+    through `from minicvt.kernels import ops as F` checks the reference and the fast kernels."""
+    with kernels.use(request.param):
+        yield request.param
 
 
 @pytest.fixture

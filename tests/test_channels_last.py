@@ -7,10 +7,11 @@ backward.
 import numpy as np
 import pytest
 
-from minicvt import backend
-from minicvt import functional as F
-from minicvt import nn
+from minicvt import backend, fast, nn
 from minicvt.gradcheck import check_function, check_module
+from minicvt.kernels import ops as F      # the reference and the fast kernels, in turn
+
+pytestmark = pytest.mark.usefixtures("both_kernels")
 
 TOL = 1e-7          # as the NCHW checks (tests/test_gradients_conv.py, test_gradients_norm.py)
 CONFIGS = [         # N, C, H, W, kernel, stride, padding, bias
@@ -129,10 +130,10 @@ def test_conv2d_channels_last_gradients_and_equality(xp, rand, N, C, F_, H, W, k
 def test_im2col_channels_last_is_the_adjoint_of_col2im(xp, rand, N, C, F_, H, W, kernel, stride, padding):
     """<im2col(x), c> == <x, col2im(c)>, and the rows hold each patch in (i, j, c) order."""
     x = rand(N, H, W, C)
-    cols = F.im2col(x, kernel, stride, padding, channels_last=True)
+    cols = fast.im2col(x, kernel, stride, padding, channels_last=True)     # fast only: (i, j, c) rows
     c = rand(*cols.shape)
     lhs = float((cols * c).sum())
-    rhs = float((x * F.col2im(c, x.shape, kernel, stride, padding, channels_last=True)).sum())
+    rhs = float((x * fast.col2im(c, x.shape, kernel, stride, padding, channels_last=True)).sum())
     assert abs(lhs - rhs) <= 1e-12 * max(1.0, abs(lhs))
     kh, kw = _kernel(kernel)
     nchw = F.im2col(x.transpose(0, 3, 1, 2), kernel, stride, padding)        # rows in (c, i, j) order

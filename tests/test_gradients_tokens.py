@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from minicvt import backend
-from minicvt import functional as F
+from minicvt.kernels import ops as F      # the reference and the fast kernels, in turn
 from minicvt import nn
 from minicvt.gradcheck import check_function, check_module
+
+pytestmark = pytest.mark.usefixtures("both_kernels")
 
 TOL = 1e-7          # these layers give 1e-8 or less; no kinks here, so no case is looser
 

@@ -1,4 +1,4 @@
-"""The CPU thread pool (minicvt.parallel) and every layer that splits its work with it.
+"""The CPU thread pool (minicvt.fast.parallel) and every fast layer that splits its work with it.
 
 The layers split only arrays above `min_elements`, which the tiny shapes of the gradient checks
 never reach; here `parallel.settings(threads=3, min_elements=0)` sends every array through the
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from cvt_tiny import tiny_config
-from minicvt import backend, parallel
-from minicvt import functional as F
+from minicvt import backend
+from minicvt import fast as F
+from minicvt.fast import parallel
 from minicvt.gradcheck import check_function
 from minicvt.models import build_model
 
@@ -119,12 +120,12 @@ def test_thread_count_settings_are_checked():
     for bad in (0, -1, 1.5, "2"):
         with pytest.raises(ValueError, match="whole number >= 1"):
             parallel.set_num_threads(bad)
-    code = "from minicvt import parallel; parallel.num_threads()"
+    code = "from minicvt.fast import parallel; parallel.num_threads()"
     env = dict(os.environ, MINICVT_NUM_THREADS="two")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "MINICVT_NUM_THREADS must be a whole number, got 'two'" in run.stderr
     env["MINICVT_NUM_THREADS"] = "3"
-    run = subprocess.run([sys.executable, "-c", "from minicvt import parallel; print(parallel.num_threads())"],
+    run = subprocess.run([sys.executable, "-c", "from minicvt.fast import parallel; print(parallel.num_threads())"],
                          env=env, capture_output=True, text=True)
     assert run.stdout.strip() == "3"
 

@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from minicvt import backend
-from minicvt import functional as F
+from minicvt.kernels import ops as F      # the reference and the fast kernels, in turn
+
+pytestmark = pytest.mark.usefixtures("both_kernels")
 
 RTOL = ATOL = 1e-12
 

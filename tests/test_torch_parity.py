@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from minicvt import backend, nn
-from minicvt import functional as F
+from minicvt.kernels import ops as F      # the reference and the fast kernels, in turn
+
+pytestmark = pytest.mark.usefixtures("both_kernels")
 
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional

@@ -4,57 +4,37 @@ Shapes: N batch, Tq query tokens, Tk key/value tokens (fewer when keys and value
 squeezed by a strided projection), C = h * d channels, h heads, d head dimension.
 Derivations: docs/attention.md.
 """
-from .. import parallel
+from typing import NamedTuple
+
 from ..backend import get_array_module
-from ._checks import check_float, check_ndim
+from .checks import check_float, check_ndim
+
+
+class SoftmaxCache(NamedTuple):
+    p: object               # the probabilities: their own derivative needs only them
+    axis: int
+    scale: float
 
 
 def softmax_forward(x, axis=-1, scale=1.0):
-    """Numerically stable softmax of scale * x: subtracting the max leaves the result unchanged
-    and keeps exp() from overflowing. x (any) -> p (same shape). The scale (a Python float
-    > 0; attention's 1/sqrt(d)) is applied inside the pass instead of as one more pass over
-    the scores. cache: p (its own derivative needs only p), the axis and the scale."""
+    """Softmax of scale * x along `axis`. x (any) -> p (same shape).
+    Subtracting the max leaves the result unchanged and keeps exp() from overflowing. The scale
+    (a Python float > 0; attention's 1/sqrt(d)) is part of the layer, so that its backward is
+    one function."""
     if not scale > 0:
         raise ValueError(f"softmax: scale must be positive, got {scale}")
-    p = get_array_module(x).empty(x.shape, x.dtype)                 # the one new array
-    _by_rows(_softmax_rows, (x, p), axis, float(scale))
-    return p, (p, axis, float(scale))
-
-
-def _softmax_rows(x, p, axis, scale):
     xp = get_array_module(x)
-    xp.subtract(x, x.max(axis=axis, keepdims=True), out=p)          # then in place
-    if scale != 1.0:
-        p *= scale                      # max(scale * x) = scale * max(x), as scale > 0
-    xp.exp(p, out=p)
-    p /= p.sum(axis=axis, keepdims=True)
+    z = float(scale) * x
+    e = xp.exp(z - z.max(axis=axis, keepdims=True))
+    p = e / e.sum(axis=axis, keepdims=True)
+    return p, SoftmaxCache(p, axis, float(scale))
 
 
 def softmax_backward(dout, cache):
     """dout -> dx = scale * p * (dout - sum(dout * p)) along the softmax axis (the Jacobian
     diag(p) - p p^T, times the scale)."""
     p, axis, scale = cache
-    dx = get_array_module(dout).empty(dout.shape, dout.dtype)
-    _by_rows(_softmax_grad_rows, (dout, p, dx), axis, scale)
-    return dx
-
-
-def _softmax_grad_rows(dout, p, dx, axis, scale):
-    xp = get_array_module(dout)
-    xp.multiply(dout, p, out=dx)
-    xp.subtract(dout, dx.sum(axis=axis, keepdims=True), out=dx)
-    dx *= p
-    if scale != 1.0:
-        dx *= scale
-
-
-def _by_rows(fn, arrays, axis, scale):
-    """A block of rows per CPU thread (parallel.rows), unless the softmax runs along the
-    leading axis itself, which the blocks would cut."""
-    if axis % arrays[0].ndim == 0:
-        fn(*arrays, axis, scale)
-    else:
-        parallel.rows(fn, arrays, axis, scale, pieces=True)
+    return scale * p * (dout - (dout * p).sum(axis=axis, keepdims=True))
 
 
 def split_heads(x, num_heads):
@@ -69,6 +49,15 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(N, T, h * d)
 
 
+class AttentionCache(NamedTuple):
+    q: object               # (N, h, Tq, d), per head
+    k: object               # (N, h, Tk, d)
+    v: object               # (N, h, Tk, d)
+    p: object               # (N, h, Tq, Tk), the attention probabilities (what maps are drawn from)
+    scale: float
+    drop_mask: object       # (N, h, Tq, Tk) or None
+
+
 def attention_forward(q, k, v, num_heads, scale=None, drop_mask=None):
     """Multi-head attention: softmax(q k^T * scale) v, per head.
 
@@ -76,9 +65,33 @@ def attention_forward(q, k, v, num_heads, scale=None, drop_mask=None):
     scale defaults to d ** -0.5; the official CvT code uses C ** -0.5 (see docs/attention.md).
     drop_mask (N, h, Tq, Tk) or None: a dropout mask on the probabilities (the official
     attn_drop), applied as p * mask before the product with v.
-    cache: the per-head q, k, v (N, h, T*, d), the attention probabilities p (N, h, Tq, Tk),
-    which the backward needs and attention maps are drawn from (cache[3]), and the mask.
     """
+    scale = check_attention(q, k, v, num_heads, scale, drop_mask)
+    qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
+    scores = qh @ kh.transpose(0, 1, 3, 2)                  # (N, h, Tq, Tk), unscaled
+    p, _ = softmax_forward(scores, -1, scale)               # softmax over the keys
+    pd = p if drop_mask is None else p * drop_mask          # dropped-out probabilities
+    out = merge_heads(pd @ vh)                              # (N, h, Tq, d) -> (N, Tq, C)
+    return out, AttentionCache(qh, kh, vh, p, scale, drop_mask)
+
+
+def attention_backward(dout, cache):
+    """dout (N, Tq, C) -> dq (N, Tq, C), dk (N, Tk, C), dv (N, Tk, C)."""
+    qh, kh, vh, p, scale, drop_mask = cache
+    pd = p if drop_mask is None else p * drop_mask
+    douth = split_heads(dout, qh.shape[1])                  # (N, h, Tq, d)
+    dv = pd.transpose(0, 1, 3, 2) @ douth                   # (N, h, Tk, d); forward was: out = pd @ v
+    dpd = douth @ vh.transpose(0, 1, 3, 2)                  # (N, h, Tq, Tk)
+    dp = dpd if drop_mask is None else dpd * drop_mask      # forward was: pd = p * mask
+    dscores = softmax_backward(dp, SoftmaxCache(p, -1, scale))      # w.r.t. the unscaled scores
+    dq = dscores @ kh                                       # (N, h, Tq, d); forward was: scores = q k^T
+    dk = dscores.transpose(0, 1, 3, 2) @ qh                 # (N, h, Tk, d)
+    return merge_heads(dq), merge_heads(dk), merge_heads(dv)
+
+
+def check_attention(q, k, v, num_heads, scale, drop_mask):
+    """Refuse mismatched inputs in one line; returns the scale as a Python float (a NumPy
+    float64 scale would promote float32 scores to float64)."""
     layer = "attention"
     for name, a in (("q", q), ("k", k), ("v", v)):
         check_ndim(layer, name, a, 3, "(N, T, C)")
@@ -89,38 +102,9 @@ def attention_forward(q, k, v, num_heads, scale=None, drop_mask=None):
                          f"{tuple(q.shape)}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if C % num_heads:
         raise ValueError(f"attention: {C} channels do not split into {num_heads} heads")
-    # a Python float: a NumPy float64 scale would promote float32 scores to float64
-    scale = float((C // num_heads) ** -0.5 if scale is None else scale)
     if drop_mask is not None:
         want = (N, num_heads, Tq, k.shape[1])
         if tuple(drop_mask.shape) != want or drop_mask.dtype != q.dtype:
             raise ValueError(f"attention: drop_mask must be {q.dtype} of shape {want}, "
                              f"got {drop_mask.dtype} {tuple(drop_mask.shape)}")
-    qh, kh, vh = split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads)
-    # each product is a stack of N*h small matrices: a block of images per CPU thread.
-    # The scores are made key-major, k q^T (N, h, Tk, Tq): the softmax over the keys then
-    # reduces across rows of Tq values, which NumPy does as fast elementwise passes, instead
-    # of along each row of only Tk = 64, 16 or 5 values (2-3x faster). p is a transposed
-    # view, (N, h, Tq, Tk) as usual; BLAS reads transposed matrices as they are.
-    scores_t = parallel.matmul(kh, qh.transpose(0, 1, 3, 2))  # (N, h, Tk, Tq), unscaled
-    p = softmax_forward(scores_t, -2, scale)[0].transpose(0, 1, 3, 2)   # softmax(scores * scale)
-    pd = p if drop_mask is None else p * drop_mask            # dropped-out probabilities
-    out = merge_heads(parallel.matmul(pd, vh))                # (N, h, Tq, d) -> (N, Tq, C)
-    return out, (qh, kh, vh, p, scale, drop_mask)
-
-
-def attention_backward(dout, cache):
-    """dout (N, Tq, C) -> dq (N, Tq, C), dk (N, Tk, C), dv (N, Tk, C)."""
-    qh, kh, vh, p, scale, drop_mask = cache
-    h = qh.shape[1]
-    pd = p if drop_mask is None else p * drop_mask
-    douth = split_heads(dout, h)                              # (N, h, Tq, d)
-    dv = parallel.matmul(pd.transpose(0, 1, 3, 2), douth)     # (N, h, Tk, d)
-    # key-major like the forward's scores, (N, h, Tk, Tq): w.r.t. pd, then the unscaled scores
-    dp_t = parallel.matmul(vh, douth.transpose(0, 1, 3, 2))
-    if drop_mask is not None:
-        dp_t = dp_t * drop_mask.transpose(0, 1, 3, 2)         # back through p * mask
-    dscores_t = softmax_backward(dp_t, (p.transpose(0, 1, 3, 2), -2, scale))
-    dq = parallel.matmul(dscores_t.transpose(0, 1, 3, 2), kh)  # (N, h, Tq, d)
-    dk = parallel.matmul(dscores_t, qh)                       # (N, h, Tk, d)
-    return merge_heads(dq), merge_heads(dk), merge_heads(dv)
+    return float((C // num_heads) ** -0.5 if scale is None else scale)

@@ -4,19 +4,24 @@ Shapes: N batch, C input channels, F output channels (filters), H, W input heigh
 kh, kw kernel size, sh, sw stride, ph, pw zero padding, OH, OW output height/width with
     OH = (H + 2*ph - kh) // sh + 1,   OW = (W + 2*pw - kw) // sw + 1.
 Weights use PyTorch's layout: conv (F, C, kh, kw), depthwise (C, 1, kh, kw).
+channels_last=True takes and returns maps laid out (N, H, W, C), the layout of CvT's tokens;
+here it is a transpose on the way in and out (minicvt.fast works in that layout directly).
 Derivations: docs/conv.md.
 """
-from .. import backend, parallel
+from typing import NamedTuple
+
 from ..backend import get_array_module
-from ._checks import check_float, check_ndim, check_shape, pair
+from .checks import check_float, check_ndim, check_shape, pair
 
 
 def conv_output_size(size, kernel, stride, padding):
+    """How many kernel placements fit along one axis of the zero-padded input."""
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def _geometry(layer, x_shape, kernel_size, stride, padding):
-    """Normalise the arguments and compute the output grid; refuse an empty output."""
+def conv_geometry(layer, x_shape, kernel_size, stride, padding):
+    """Normalise the arguments (an int or a pair each) and compute the output grid of an
+    (N, C, H, W) input; refuse an empty output. -> (kh, kw), (sh, sw), (ph, pw), (OH, OW)."""
     (kh, kw), (sh, sw), (ph, pw) = pair(kernel_size, "kernel_size"), pair(stride, "stride"), pair(padding, "padding")
     if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
         raise ValueError(f"{layer}: need kernel >= 1, stride >= 1, padding >= 0, got "
@@ -28,335 +33,177 @@ def _geometry(layer, x_shape, kernel_size, stride, padding):
     return (kh, kw), (sh, sw), (ph, pw), (OH, OW)
 
 
-def _pad(x, ph, pw, channels_last=False):
-    """Zeros around H and W: axes 2, 3 of (N, C, H, W), or axes 1, 2 of (N, H, W, C). Written
-    as one pass, a block of images per CPU thread: the border set to 0, the inside copied
-    (NumPy's general `pad` took several times as long on these maps)."""
-    if ph == 0 and pw == 0:
-        return x
-    xp = get_array_module(x)
-    hw = _map_axes(channels_last)
-    H, W = x.shape[hw[0]], x.shape[hw[1]]
-    out = xp.empty(_padded_shape(x.shape, hw, ph, pw), x.dtype)
-    at = _region(hw, x.ndim)
-    inner, every = slice(ph, ph + H), slice(None)
-
-    def block(x, out):
-        out[at(slice(0, ph), every)] = 0                    # top and bottom rows
-        out[at(slice(ph + H, None), every)] = 0
-        out[at(inner, slice(0, pw))] = 0                    # left and right columns
-        out[at(inner, slice(pw + W, None))] = 0
-        out[at(inner, slice(pw, pw + W))] = x
-
-    parallel.rows(block, (x, out))
-    return out
+def _pad(x, ph, pw):
+    """(N, C, H, W) -> (N, C, H + 2ph, W + 2pw), zeros around the map."""
+    return get_array_module(x).pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
 
 
-def _map_axes(channels_last):
-    """The axes of H and W: 1, 2 of (N, H, W, C), or 2, 3 of (N, C, H, W)."""
-    return (1, 2) if channels_last else (2, 3)
-
-
-def _padded_shape(shape, hw, ph, pw):
-    """shape with its H and W axes (hw) grown by the zero padding on both sides."""
-    padded = list(shape)
-    padded[hw[0]] += 2 * ph
-    padded[hw[1]] += 2 * pw
-    return tuple(padded)
-
-
-def _region(hw, ndim):
-    """at(rows, cols) -> the index of that region of the map axes hw, every other axis whole."""
-    def at(rows, cols):
-        index = [slice(None)] * ndim
-        index[hw[0]], index[hw[1]] = rows, cols
-        return tuple(index)
-    return at
-
-
-def im2col(x, kernel_size, stride=1, padding=0, channels_last=False):
+def im2col(x, kernel_size, stride=1, padding=0):
     """Unfold every receptive field into a row.
 
-    x (N, C, H, W) -> cols (N*OH*OW, C*kh*kw); row r = (n, oh, ow) holds the patch that
-    output pixel sees, in (c, i, j) order, so a convolution is one matmul with w.reshape(F, -1).
-    channels_last: x (N, H, W, C) -> cols (N*OH*OW, kh*kw*C), in (i, j, c) order; each copy
-    then moves C contiguous values (about 3x faster than the transposing copies of NCHW).
-    Written as a loop over the kh*kw kernel offsets with strided slices, which runs the same
-    on NumPy and CuPy.
+    x (N, C, H, W) -> cols (N*OH*OW, C*kh*kw); row r = (n, oh, ow) holds the patch that output
+    pixel (oh, ow) of image n sees, in (c, i, j) order, so a convolution is one matmul with
+    w.reshape(F, -1). Written as a loop over the kh*kw kernel offsets: offset (i, j) sees the
+    strided slice of the padded input that starts at (i, j), for every output pixel at once.
     """
     xp = get_array_module(x)
-    nchw = _nchw(x.shape, channels_last)
-    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry("im2col", nchw, kernel_size, stride, padding)
-    N, C = nchw[:2]
-    xpad = _pad(x, ph, pw, channels_last)                   # H and W padded by ph, pw
-    patch, column, cols_shape = _unfold(channels_last, (kh, kw), (sh, sw), (OH, OW))
-    cols = xp.empty((N, OH, OW) + cols_shape(C), dtype=x.dtype)
-
-    def block(xpad, cols):                                  # a block of images per CPU thread
-        for i in range(kh):
-            for j in range(kw):
-                column(cols, i, j)[...] = patch(xpad, i, j)     # (n, OH, OW, C)
-
-    parallel.rows(block, (xpad, cols))
-    return cols.reshape(N * OH * OW, C * kh * kw)
+    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = conv_geometry("im2col", x.shape, kernel_size, stride, padding)
+    N, C = x.shape[:2]
+    xpad = _pad(x, ph, pw)                                          # (N, C, H + 2ph, W + 2pw)
+    cols = xp.empty((N, C, kh, kw, OH, OW), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]   # (N, C, OH, OW)
+    return cols.transpose(0, 4, 5, 1, 2, 3).reshape(N * OH * OW, C * kh * kw)   # rows (n, oh, ow)
 
 
-def col2im(cols, x_shape, kernel_size, stride=1, padding=0, channels_last=False):
+def col2im(cols, x_shape, kernel_size, stride=1, padding=0):
     """The adjoint of im2col: fold rows back onto the image, adding where patches overlap.
 
-    cols (N*OH*OW, C*kh*kw) -> (N, C, H, W), or (N, H, W, C) with channels_last (cols in im2col's
-    order for that layout). Overlapping patches share input pixels, so each pixel receives the
-    sum of its contributions (`+=`); this is exactly what the gradient of im2col needs, and
-    <im2col(x), c> == <x, col2im(c)> holds for all x, c.
+    cols (N*OH*OW, C*kh*kw) -> (N, C, H, W). Overlapping patches share input pixels, so each
+    pixel receives the sum of its contributions (`+=`): exactly what the gradient of im2col
+    needs, and <im2col(x), c> == <x, col2im(c)> holds for all x, c.
     """
     xp = get_array_module(cols)
-    nchw = _nchw(x_shape, channels_last)
-    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry("col2im", nchw, kernel_size, stride, padding)
-    N, C, H, W = nchw
+    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = conv_geometry("col2im", x_shape, kernel_size, stride, padding)
+    N, C, H, W = x_shape
     check_shape("col2im", "cols", cols, (N * OH * OW, C * kh * kw))
-    patch, column, cols_shape = _unfold(channels_last, (kh, kw), (sh, sw), (OH, OW))
-    cols = cols.reshape((N, OH, OW) + cols_shape(C))
-    hw = _map_axes(channels_last)
-    xpad = xp.empty(_padded_shape(x_shape, hw, ph, pw), dtype=cols.dtype)
-
-    def block(cols, xpad):                                  # a block of images per CPU thread
-        xpad[...] = 0
-        for i in range(kh):
-            for j in range(kw):
-                view = patch(xpad, i, j)                    # (n, OH, OW, C), a view into xpad
-                view += column(cols, i, j)
-
-    parallel.rows(block, (cols, xpad))
-    return xpad[_region(hw, 4)(slice(ph, ph + H), slice(pw, pw + W))]
+    cols = cols.reshape(N, OH, OW, C, kh, kw).transpose(0, 3, 4, 5, 1, 2)     # (N, C, kh, kw, OH, OW)
+    xpad = xp.zeros((N, C, H + 2 * ph, W + 2 * pw), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw] += cols[:, :, i, j]
+    return xpad[:, :, ph:ph + H, pw:pw + W]
 
 
-def _nchw(x_shape, channels_last):
-    """x's shape as (N, C, H, W) whatever its layout (what `_geometry` reads)."""
-    if channels_last:
-        N, H, W, C = x_shape
-        return (N, C, H, W)
-    return tuple(x_shape)
-
-
-def _unfold(channels_last, kernel, stride, out_hw):
-    """The views im2col and col2im move data between, for kernel offset (i, j):
-    patch(xpad, i, j): what that offset sees of the padded map, (n, OH, OW, C);
-    column(cols, i, j): its columns of the unfolded rows, (n, OH, OW, C);
-    and cols_shape(C), the trailing axes of cols: (kh, kw, C) channels last, (C, kh, kw) NCHW."""
-    (kh, kw), (sh, sw), (OH, OW) = kernel, stride, out_hw
-    at = _region(_map_axes(channels_last), 4)
-
-    def patch(xpad, i, j):
-        view = xpad[at(slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))]
-        return view if channels_last else view.transpose(0, 2, 3, 1)     # (n, C, OH, OW) -> (n, OH, OW, C)
-
-    def column(cols, i, j):
-        return cols[:, :, :, i, j] if channels_last else cols[:, :, :, :, i, j]
-
-    def cols_shape(C):
-        return (kh, kw, C) if channels_last else (C, kh, kw)
-
-    return patch, column, cols_shape
-
-
-def _weight_matrix(w, channels_last):
-    """w (F, C, kh, kw) as the (F, C*kh*kw) matrix whose columns follow im2col's order."""
-    F = w.shape[0]
-    return w.transpose(0, 2, 3, 1).reshape(F, -1) if channels_last else w.reshape(F, -1)
+class ConvCache(NamedTuple):
+    x_shape: tuple          # (N, C, H, W), for col2im
+    cols: object            # (N*OH*OW, C*kh*kw), the unfolded input, for dw
+    w: object               # (F, C, kh, kw), for dx
+    has_bias: bool
+    stride: object
+    padding: object
+    channels_last: bool
 
 
 def conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=False):
     """2-D convolution (cross-correlation, as in PyTorch) by im2col and one matmul.
 
     x (N, C, H, W), w (F, C, kh, kw), b (F,) or None -> out (N, F, OH, OW); with channels_last,
-    x (N, H, W, C) -> out (N, OH, OW, F), the layout of tokens (the token embedding uses it).
-    cache: the unfolded input cols (N*OH*OW, C*kh*kw) (needed for dw; recomputing it would
-    cost a second im2col) and w (needed for dx).
+    x (N, H, W, C) -> out (N, OH, OW, F).
+    cache: the unfolded input cols (needed for dw; recomputing it would cost a second im2col)
+    and w (needed for dx).
     """
-    layer = "conv2d"
-    check_ndim(layer, "x", x, 4, "(N, H, W, C)" if channels_last else "(N, C, H, W)")
-    check_ndim(layer, "w", w, 4, "(F, C, kh, kw)")
-    check_float(layer, ("x", x), ("w", w), ("b", b))
-    F, C, kh, kw = w.shape
-    nchw = _nchw(x.shape, channels_last)
-    if nchw[1] != C:
-        raise ValueError(f"conv2d: x of shape {tuple(x.shape)} has {nchw[1]} channels but w of shape "
-                         f"{tuple(w.shape)} expects {C}")
+    check_conv2d(x, w, b, channels_last)
+    if channels_last:
+        x = x.transpose(0, 3, 1, 2)                                 # (N, H, W, C) -> (N, C, H, W)
+    N, F = x.shape[0], w.shape[0]
+    _, _, _, (OH, OW) = conv_geometry("conv2d", x.shape, w.shape[2:], stride, padding)
+    cols = im2col(x, w.shape[2:], stride, padding)                  # (N*OH*OW, C*kh*kw)
+    out = cols @ w.reshape(F, -1).T                                 # (N*OH*OW, F)
     if b is not None:
-        check_shape(layer, "b", b, (F,))
-    N = x.shape[0]
-    _, _, _, (OH, OW) = _geometry(layer, nchw, (kh, kw), stride, padding)
-    cols = im2col(x, (kh, kw), stride, padding, channels_last)        # (N*OH*OW, C*kh*kw)
-    out = parallel.matmul(cols, _weight_matrix(w, channels_last).T, bias=b)   # (N*OH*OW, F)
+        out = out + b
     out = out.reshape(N, OH, OW, F)
     if not channels_last:
-        out = out.transpose(0, 3, 1, 2)                     # (N, F, OH, OW)
-    cache = (x.shape, cols, w, b is not None, stride, padding, channels_last)
-    return out, cache
+        out = out.transpose(0, 3, 1, 2)                             # (N, F, OH, OW)
+    return out, ConvCache(x.shape, cols, w, b is not None, stride, padding, channels_last)
 
 
 def conv2d_backward(dout, cache):
     """dout (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, kh, kw), db (F,) or None; channels
     last, dout (N, OH, OW, F) -> dx (N, H, W, C)."""
     x_shape, cols, w, has_bias, stride, padding, channels_last = cache
-    F, C, kh, kw = w.shape
+    F = w.shape[0]
     d2 = (dout if channels_last else dout.transpose(0, 2, 3, 1)).reshape(-1, F)   # (N*OH*OW, F)
-    dw = parallel.matmul_t(d2, cols)                        # (F, C*kh*kw) in im2col's order
-    dw = dw.reshape(F, kh, kw, C).transpose(0, 3, 1, 2).copy() if channels_last else dw.reshape(w.shape)
-    db = parallel.sum_rows(d2) if has_bias else None
-    dcols = parallel.matmul(d2, _weight_matrix(w, channels_last))    # (N*OH*OW, C*kh*kw)
-    dx = col2im(dcols, x_shape, (kh, kw), stride, padding, channels_last)
-    return dx, dw, db
+    dw = (d2.T @ cols).reshape(w.shape)                 # forward was: out = cols @ w.T
+    db = d2.sum(axis=0) if has_bias else None           # forward was: out + b, b broadcast over rows
+    dcols = d2 @ w.reshape(F, -1)                       # (N*OH*OW, C*kh*kw)
+    dx = col2im(dcols, x_shape, w.shape[2:], stride, padding)       # (N, C, H, W)
+    return (dx.transpose(0, 2, 3, 1) if channels_last else dx), dw, db
 
 
-def _depthwise_layout(x_shape, channels_last):
-    """The depthwise convolution works in either layout: (N, C, H, W), or channels last
-    (N, H, W, C), the layout of a token sequence (N, H*W, C) reshaped without a copy. Returns
-    C, the (H, W) shape in NCHW order (for `_geometry`), a function that turns the (row, col)
-    slices of a kernel offset into an index of the layout, and the weight broadcast shape."""
-    nchw = _nchw(x_shape, channels_last)
-    C = nchw[1]
-    return C, nchw, _region(_map_axes(channels_last), 4), (C,) if channels_last else (C, 1, 1)
+def check_conv2d(x, w, b, channels_last):
+    layer = "conv2d"
+    check_ndim(layer, "x", x, 4, "(N, H, W, C)" if channels_last else "(N, C, H, W)")
+    check_ndim(layer, "w", w, 4, "(F, C, kh, kw)")
+    check_float(layer, ("x", x), ("w", w), ("b", b))
+    C = x.shape[3] if channels_last else x.shape[1]
+    if C != w.shape[1]:
+        raise ValueError(f"conv2d: x of shape {tuple(x.shape)} has {C} channels but w of shape "
+                         f"{tuple(w.shape)} expects {w.shape[1]}")
+    if b is not None:
+        check_shape(layer, "b", b, (w.shape[0],))
 
 
-def _windows(xpad, kernel, stride, out_hw, channels_last, window):
-    """Every kernel-sized window of the padded map at the stride's steps, as a view (no copy:
-    each window is another set of strides into the same memory):
-    (N, OH, OW, C, kh, kw) channels last, (N, C, OH, OW, kh, kw) otherwise."""
-    xp = get_array_module(xpad)
-    (sh, sw), (OH, OW) = stride, out_hw
-    hw = _map_axes(channels_last)
-    # NumPy's sliding_window_view, written out: the window axes step as the map axes do. (CuPy's
-    # sliding_window_view copies the window shape to the GPU and reads it back, two waits a call.)
-    shape = list(xpad.shape) + list(kernel)
-    for axis, k in zip(hw, kernel):
-        shape[axis] -= k - 1
-    strides = tuple(xpad.strides) + tuple(xpad.strides[axis] for axis in hw)
-    windows = xp.lib.stride_tricks.as_strided(xpad, tuple(shape), strides)
-    return windows[window(slice(0, sh * OH, sh), slice(0, sw * OW, sw))]
+class DepthwiseCache(NamedTuple):
+    x_shape: tuple          # (N, C, H, W)
+    xpad: object            # (N, C, H + 2ph, W + 2pw), the padded input, for dw
+    w: object               # (C, 1, kh, kw), for dx
+    has_bias: bool
+    stride: tuple           # (sh, sw)
+    padding: tuple          # (ph, pw)
+    channels_last: bool
 
 
 def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=False):
-    """Depthwise convolution: each channel is convolved with its own kh x kw filter
-    (PyTorch's Conv2d with groups=C). No im2col: with one filter per channel there is no
-    matmul to gain: each output is a window of the input times the filter, summed, done as
-    one einsum over a sliding-window view (and dw the same way; dx loops over the offsets).
+    """Depthwise convolution: each channel is convolved with its own kh x kw filter (PyTorch's
+    Conv2d with groups=C). With one filter per channel there is no matmul to gain, so no
+    im2col: the output is the sum, over the kernel offsets (i, j), of the input's strided slice
+    at that offset times the filters' (i, j) entries.
 
     x (N, C, H, W), w (C, 1, kh, kw), b (C,) or None -> out (N, C, OH, OW); with
-    channels_last, x (N, H, W, C) -> out (N, OH, OW, C). Channels last is faster: each
-    multiply-accumulate runs along C contiguous values rather than along a short row of
-    OW, and CvT's tokens (N, H*W, C) are already in that layout (docs/performance.md).
-    cache: the padded input (dw reads its windows again) and w.
+    channels_last, x (N, H, W, C) -> out (N, OH, OW, C).
+    cache: the padded input (dw reads its slices again) and w.
     """
-    layer = "depthwise_conv2d"
-    check_ndim(layer, "x", x, 4, "(N, H, W, C)" if channels_last else "(N, C, H, W)")
-    check_ndim(layer, "w", w, 4, "(C, 1, kh, kw)")
-    check_float(layer, ("x", x), ("w", w), ("b", b))
-    C, nchw, window, wshape = _depthwise_layout(x.shape, channels_last)
-    if w.shape[0] != C or w.shape[1] != 1:
-        raise ValueError(f"depthwise_conv2d: w must have shape ({C}, 1, kh, kw) for {C} channels, "
-                         f"got {tuple(w.shape)}")
-    if b is not None:
-        check_shape(layer, "b", b, (C,))
+    check_depthwise(x, w, b, channels_last)
+    if channels_last:
+        x = x.transpose(0, 3, 1, 2)                                 # (N, H, W, C) -> (N, C, H, W)
     xp = get_array_module(x)
-    N = x.shape[0]
-    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = _geometry(layer, nchw, w.shape[2:], stride, padding)
-    xpad = _pad(x, ph, pw, channels_last)                   # H and W padded by ph, pw
-    # one einsum sums window * filter per channel in a single pass, where a loop over the
-    # kh*kw offsets would make two passes over the output for each (2 to 4x slower on the CPU)
-    windows = _windows(xpad, (kh, kw), (sh, sw), (OH, OW), channels_last, window)
-    out = xp.empty((N, OH, OW, C) if channels_last else (N, C, OH, OW), x.dtype)
-    parallel.rows(_window_sums, (windows, out), _filters(w[:, 0], channels_last), channels_last,
-                  None if b is None else b.reshape(wshape))
-    cache = (x.shape, xpad, w, b is not None, (sh, sw), (ph, pw), channels_last)
-    return out, cache
+    N, C = x.shape[:2]
+    (kh, kw), (sh, sw), (ph, pw), (OH, OW) = conv_geometry("depthwise_conv2d", x.shape, w.shape[2:],
+                                                           stride, padding)
+    xpad = _pad(x, ph, pw)                                          # (N, C, H + 2ph, W + 2pw)
+    out = xp.zeros((N, C, OH, OW), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            out += xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw] * w[:, 0, i, j].reshape(C, 1, 1)
+    if b is not None:
+        out += b.reshape(C, 1, 1)
+    cache = DepthwiseCache(x.shape, xpad, w, b is not None, (sh, sw), (ph, pw), channels_last)
+    return (out.transpose(0, 2, 3, 1) if channels_last else out), cache
 
 
 def depthwise_conv2d_backward(dout, cache):
     """dout (N, C, OH, OW) -> dx (N, C, H, W), dw (C, 1, kh, kw), db (C,) or None; channels
     last, dout (N, OH, OW, C) -> dx (N, H, W, C)."""
     x_shape, xpad, w, has_bias, (sh, sw), (ph, pw), channels_last = cache
+    if channels_last:
+        dout = dout.transpose(0, 3, 1, 2)                           # (N, C, OH, OW)
     xp = get_array_module(dout)
-    C, (N, _, H, W), window, wshape = _depthwise_layout(x_shape, channels_last)
+    N, C, H, W = x_shape
     kh, kw = w.shape[2:]
-    OH, OW = dout.shape[1:3] if channels_last else dout.shape[2:]
-    windows = _windows(xpad, (kh, kw), (sh, sw), (OH, OW), channels_last, window)   # as in the forward
-    # stride 1: dx is dout, zero-padded by k - 1 - p, correlated with the flipped filters: the
-    # forward's one einsum again. Other strides: add dout * w into every offset's strided view.
-    flipped = (sh, sw) == (1, 1) and ph < kh and pw < kw
-    if flipped:
-        filters = _filters(w[:, 0, ::-1, ::-1], channels_last)
-        dx = xp.empty(x_shape, dout.dtype)
-    else:
-        dx = xp.empty_like(xpad)                            # the padded dx, cropped at the end
-
-    def block(windows, dout, dx):           # a block of images: dx, and its share of dw and db
-        # dw[c, i, j] = sum over n and the output grid of dout * window[..., i, j]
-        dw = _window_dots(windows, dout, channels_last)
-        if flipped:
-            dwindows = _windows(_pad(dout, kh - 1 - ph, kw - 1 - pw, channels_last), (kh, kw), (1, 1),
-                                (H, W), channels_last, window)
-            _window_sums(dwindows, dx, filters, channels_last)
-        else:           # the adjoint of "take the strided view of offset (i, j)" is "add into it"
-            dx[...] = 0
-            tmp = xp.empty_like(dout)
-            for i in range(kh):
-                for j in range(kw):
-                    xp.multiply(dout, w[:, 0, i, j].reshape(wshape), out=tmp)
-                    dx[window(slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))] += tmp
-        db = dout.sum(axis=(0, 1, 2) if channels_last else (0, 2, 3)) if has_bias else None
-        return dw, db
-
-    dw, db = parallel.total(parallel.rows(block, (windows, dout, dx)))
-    if not flipped:
-        dx = dx[window(slice(ph, ph + H), slice(pw, pw + W))]
-    return dx, dw[:, None], db                              # dw (C, kh, kw) -> (C, 1, kh, kw)
+    OH, OW = dout.shape[2:]
+    dxpad = xp.zeros(xpad.shape, dtype=dout.dtype)
+    dw = xp.empty(w.shape, dtype=dout.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            window = (slice(None), slice(None), slice(i, i + sh * OH, sh), slice(j, j + sw * OW, sw))
+            # forward was: out += xpad[window] * w[c, 0, i, j], for every channel c
+            dw[:, 0, i, j] = (dout * xpad[window]).sum(axis=(0, 2, 3))
+            dxpad[window] += dout * w[:, 0, i, j].reshape(C, 1, 1)
+    db = dout.sum(axis=(0, 2, 3)) if has_bias else None
+    dx = dxpad[:, :, ph:ph + H, pw:pw + W]                          # the padding's gradient is dropped
+    return (dx.transpose(0, 2, 3, 1) if channels_last else dx), dw, db
 
 
-def _filters(filters, channels_last):
-    """The filters (C, kh, kw) in the layout of the windows: channels last, (kh, kw, C)."""
-    xp = get_array_module(filters)
-    return xp.ascontiguousarray(filters.transpose(1, 2, 0)) if channels_last else filters
-
-
-# Each window times its channel's filter, summed over the kernel offsets: out[..., c] =
-# sum_ij windows[..., c, i, j] * filters[c, i, j]. On NumPy that is one einsum, a single pass
-# with no product array (2 to 4x faster on the CPU than a loop over the offsets, which makes
-# two passes over the output for each). CuPy's einsum would rewrite it as a batched matrix
-# product after copying the windows out, kh*kw times the output's size (measured under the
-# emulated CuPy: docs/backend.md), so on the GPU it is the loop over the offsets, with one
-# temporary of the output's size.
-
-def _window_sums(windows, out, filters, channels_last, bias=None):
-    """A block of images: out = sum_ij windows[..., i, j] * filters[i, j] (+ bias); windows
-    (n, OH, OW, C, kh, kw) and filters (kh, kw, C) channels last, else (n, C, OH, OW, kh, kw)
-    and (C, kh, kw)."""
-    if backend.is_cupy_array(out):
-        xp = get_array_module(out)
-        kh, kw = windows.shape[-2:]
-        tmp = None
-        for i in range(kh):
-            for j in range(kw):
-                f = filters[i, j] if channels_last else filters[:, i, j].reshape(-1, 1, 1)
-                if i == 0 and j == 0:
-                    xp.multiply(windows[..., 0, 0], f, out=out)
-                else:
-                    tmp = xp.multiply(windows[..., i, j], f, out=tmp)
-                    out += tmp
-    else:
-        backend.einsum("nhwcij,ijc->nhwc" if channels_last else "nchwij,cij->nchw", windows, filters, out=out)
-    if bias is not None:
-        out += bias
-
-
-def _window_dots(windows, dout, channels_last):
-    """dw (C, kh, kw): dw[c, i, j] = sum over images and the output grid of dout *
-    windows[..., i, j]. NumPy: one einsum over the forward's windows (a view), without a
-    product array of dout's size; CuPy: the product and a sum for each offset (as above)."""
-    xp = get_array_module(dout)
-    if backend.is_cupy_array(dout):
-        kh, kw = windows.shape[-2:]
-        axes = (0, 1, 2) if channels_last else (0, 2, 3)
-        sums = [(windows[..., i, j] * dout).sum(axis=axes) for i in range(kh) for j in range(kw)]
-        return xp.stack(sums, axis=1).reshape(-1, kh, kw)               # (C, kh*kw) -> (C, kh, kw)
-    return xp.einsum("nhwcij,nhwc->cij" if channels_last else "nchwij,nchw->cij", windows, dout)
+def check_depthwise(x, w, b, channels_last):
+    layer = "depthwise_conv2d"
+    check_ndim(layer, "x", x, 4, "(N, H, W, C)" if channels_last else "(N, C, H, W)")
+    check_ndim(layer, "w", w, 4, "(C, 1, kh, kw)")
+    check_float(layer, ("x", x), ("w", w), ("b", b))
+    C = x.shape[3] if channels_last else x.shape[1]
+    if w.shape[0] != C or w.shape[1] != 1:
+        raise ValueError(f"depthwise_conv2d: w must have shape ({C}, 1, kh, kw) for {C} channels, "
+                         f"got {tuple(w.shape)}")
+    if b is not None:
+        check_shape(layer, "b", b, (C,))

@@ -4,12 +4,38 @@ x (..., Cin) with any leading axes: tokens (N, T, Cin), vectors (N, Cin), ...
 w (Cout, Cin) in PyTorch's layout, b (Cout,) or None -> out (..., Cout).
 Derivation: docs/linear.md.
 """
-from .. import parallel
-from ._checks import check_float, check_ndim, check_shape
+from typing import NamedTuple
+
+from .checks import check_float, check_ndim, check_shape
+
+
+class LinearCache(NamedTuple):
+    x: object               # (..., Cin), for dw
+    w: object               # (Cout, Cin), for dx
+    has_bias: bool
 
 
 def linear_forward(x, w, b=None):
-    """out = x @ w.T + b. cache: x (for dw) and w (for dx)."""
+    """out = x @ w.T + b."""
+    check_linear(x, w, b)
+    out = x @ w.T                                   # (..., Cout)
+    if b is not None:
+        out = out + b
+    return out, LinearCache(x, w, b is not None)
+
+
+def linear_backward(dout, cache):
+    """dout (..., Cout) -> dx (..., Cin), dw (Cout, Cin), db (Cout,) or None."""
+    x, w, has_bias = cache
+    Cout, Cin = w.shape
+    x2, d2 = x.reshape(-1, Cin), dout.reshape(-1, Cout)     # (M, Cin), (M, Cout): M = all leading axes
+    dw = d2.T @ x2                                  # every row (token, image) adds its share
+    db = d2.sum(axis=0) if has_bias else None
+    dx = dout @ w                                   # (..., Cin)
+    return dx, dw, db
+
+
+def check_linear(x, w, b):
     check_ndim("linear", "w", w, 2, "(Cout, Cin)")
     check_float("linear", ("x", x), ("w", w), ("b", b))
     Cout, Cin = w.shape
@@ -18,20 +44,3 @@ def linear_forward(x, w, b=None):
                          f"got {tuple(x.shape)}")
     if b is not None:
         check_shape("linear", "b", b, (Cout,))
-    # one 2-D matmul over all leading axes (a 3-D `x @ w.T` runs as a batch of small products,
-    # about 3x slower on CPU BLAS); each CPU thread takes a block of rows and adds the bias
-    out = parallel.matmul(x.reshape(-1, Cin), w.T, bias=b)          # (M, Cout)
-    return out.reshape(*x.shape[:-1], Cout), (x, w, b is not None)
-
-
-def linear_backward(dout, cache):
-    """dout (..., Cout) -> dx (..., Cin), dw (Cout, Cin), db (Cout,) or None."""
-    x, w, has_bias = cache
-    Cout, Cin = w.shape
-    x2 = x.reshape(-1, Cin)                         # (M, Cin), M = product of leading axes
-    d2 = dout.reshape(-1, Cout)                     # (M, Cout)
-    # sums over the M rows, a block of rows per CPU thread (parallel.py)
-    dw = parallel.matmul_t(d2, x2)                  # (Cout, Cin)
-    db = parallel.sum_rows(d2) if has_bias else None
-    dx = parallel.matmul(d2, w).reshape(x.shape)    # (..., Cin)
-    return dx, dw, db

@@ -3,8 +3,15 @@
 Shapes: N batch, K classes. logits (N, K), labels (N,) integers in [0, K).
 Derivation: docs/loss.md.
 """
+from typing import NamedTuple
+
 from ..backend import get_array_module, to_numpy
-from ._checks import check_float, check_ndim
+from .checks import check_float, check_ndim
+
+
+class CrossEntropyCache(NamedTuple):
+    p: object               # (N, K), the softmax probabilities
+    q: object               # (N, K), the target distribution
 
 
 def cross_entropy_forward(logits, labels, label_smoothing=0.0, check_labels=True):
@@ -48,7 +55,7 @@ def cross_entropy_forward(logits, labels, label_smoothing=0.0, check_labels=True
         q[xp.arange(N), xp.where(ok, labels, 0)] += 1.0 - label_smoothing
         q *= xp.where(ok, 1.0, float("nan")).astype(q.dtype)[:, None]
     loss = -(q * logp).sum() / N
-    return loss, (xp.exp(logp), q)
+    return loss, CrossEntropyCache(xp.exp(logp), q)
 
 
 def _in_range(labels, K):

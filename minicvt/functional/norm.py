@@ -4,9 +4,18 @@ Shapes: N batch, C channels, H, W map size; tokens (N, T, C) for LayerNorm (any 
 Both normalise xhat = (x - mean) / sqrt(var + eps) with the biased variance, then apply
 gamma * xhat + beta (PyTorch's weight and bias). Derivations: docs/norm.md.
 """
-from .. import parallel
-from ..backend import get_array_module, sum_of_products
-from ._checks import check_float, check_ndim, check_shape
+from typing import NamedTuple
+
+from ..backend import get_array_module
+from .checks import check_float, check_ndim, check_shape
+
+
+class NormCache(NamedTuple):
+    xhat: object            # the normalised input, x's shape
+    rstd: object            # 1 / sqrt(var + eps): (C,) for BatchNorm, (..., 1) for LayerNorm
+    gamma: object           # (C,)
+    training: bool = True   # BatchNorm: whether the statistics came from the batch (and so depend on x)
+    channels_last: bool = False
 
 
 def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
@@ -21,124 +30,95 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
     Eval: normalise with the running statistics (then BN is a per-channel affine map).
     Returns out (x's shape), cache, (new_running_mean, new_running_var); the inputs are not
     modified (the module stores the new statistics).
-    cache: the centred input xc = x - mean (x's shape) and rstd (C,) = 1/sqrt(var + eps), so
-    that xhat = xc * rstd; gamma; and the mode, which decides the backward (in training the
-    statistics depend on x). Caching xc rather than xhat saves the forward a pass: out is
-    xc * (gamma * rstd) + beta, and the backward only ever needs xhat times a per-channel
-    number, which takes rstd in (C,) instead of a pass over x.
     """
+    axes, shape = check_batchnorm(x, gamma, beta, running_mean, running_var, channels_last)
+    xp = get_array_module(x)
+    M = x.size // gamma.shape[0]                                    # values per channel
+    if training:
+        if M < 2:
+            raise ValueError(f"batchnorm2d: training needs more than one value per channel, got "
+                             f"input shape {tuple(x.shape)}")
+        mean = x.mean(axis=axes)                                    # (C,)
+        xc = x - mean.reshape(shape)                                # centred
+        var = (xc * xc).mean(axis=axes)                             # (C,), biased
+        new_mean = (1.0 - momentum) * running_mean + momentum * mean
+        new_var = (1.0 - momentum) * running_var + momentum * var * (M / (M - 1))
+    else:
+        mean, var = running_mean, running_var
+        xc = x - mean.reshape(shape)
+        new_mean, new_var = running_mean, running_var
+    rstd = 1.0 / xp.sqrt(var + eps)                                 # (C,)
+    xhat = xc * rstd.reshape(shape)
+    out = gamma.reshape(shape) * xhat + beta.reshape(shape)
+    return out, NormCache(xhat, rstd, gamma, training, channels_last), (new_mean, new_var)
+
+
+def batchnorm2d_backward(dout, cache):
+    """dout (x's shape) -> dx (x's shape), dgamma (C,), dbeta (C,)."""
+    xhat, rstd, gamma, training, channels_last = cache
+    axes, shape = bn_axes(dout.shape, channels_last)
+    dbeta = dout.sum(axis=axes)                         # forward was: out = gamma * xhat + beta
+    dgamma = (dout * xhat).sum(axis=axes)
+    dxhat = dout * gamma.reshape(shape)
+    if not training:                                    # fixed statistics: xhat = (x - mean) * rstd
+        return dxhat * rstd.reshape(shape), dgamma, dbeta
+    # the two subtracted means are the paths through the batch mean and the batch variance
+    dx = rstd.reshape(shape) * (dxhat - dxhat.mean(axis=axes).reshape(shape)
+                                - xhat * (dxhat * xhat).mean(axis=axes).reshape(shape))
+    return dx, dgamma, dbeta
+
+
+def bn_axes(x_shape, channels_last):
+    """The axes BatchNorm reduces over (all but the channels), and the shape that broadcasts a
+    per-channel (C,) vector against x: (C, 1, 1) for (N, C, H, W), (C,) for (N, H, W, C)."""
+    if channels_last:
+        return (0, 1, 2), (x_shape[-1],)
+    return (0, 2, 3), (x_shape[1], 1, 1)
+
+
+def check_batchnorm(x, gamma, beta, running_mean, running_var, channels_last):
     layer = "batchnorm2d"
     check_ndim(layer, "x", x, 4, "(N, H, W, C)" if channels_last else "(N, C, H, W)")
     check_float(layer, ("x", x), ("gamma", gamma), ("beta", beta),
                 ("running_mean", running_mean), ("running_var", running_var))
-    axes, shape, spec = _bn_axes(x.shape, channels_last)
     C = x.shape[-1] if channels_last else x.shape[1]
     for name, a in (("gamma", gamma), ("beta", beta), ("running_mean", running_mean),
                     ("running_var", running_var)):
         if tuple(a.shape) != (C,):       # usually x is the culprit: name its shape too
             raise ValueError(f"batchnorm2d: {name} must have shape ({C},), got {tuple(a.shape)} "
                              f"(x has shape {tuple(x.shape)})")
-    xp = get_array_module(x)
-    M = x.size // C
-    # the passes over x run a block of images per CPU thread (parallel.rows); the per-channel
-    # sums over the whole batch are added up from the blocks' shares between them
-    xc = xp.empty(x.shape, x.dtype)
-    if training:
-        if M < 2:
-            raise ValueError(f"batchnorm2d: training needs more than one value per channel, got "
-                             f"input shape {tuple(x.shape)}")
-        mean = parallel.total(parallel.rows(lambda x: x.sum(axis=axes), (x,))) / M     # (C,)
-
-        def centre(x, xc):                                          # xc = x - mean, its sum of squares
-            xp.subtract(x, mean.reshape(shape), out=xc)
-            return sum_of_products(spec, xc, xc)
-
-        var = parallel.total(parallel.rows(centre, (x, xc), pieces=True)) / M                      # (C,) biased
-        new_mean = (1.0 - momentum) * running_mean + momentum * mean
-        new_var = (1.0 - momentum) * running_var + momentum * var * (M / (M - 1))
-    else:
-        mean, var = running_mean, running_var
-        new_mean, new_var = running_mean, running_var
-        parallel.rows(lambda x, xc: xp.subtract(x, mean.reshape(shape), out=xc), (x, xc))
-    rstd = 1.0 / xp.sqrt(var + eps)                                 # (C,)
-    g = (gamma * rstd).reshape(shape)
-    out = xp.empty(x.shape, x.dtype)
-
-    def scale(xc, out):                                             # gamma * xhat + beta
-        xp.multiply(xc, g, out=out)
-        out += beta.reshape(shape)
-
-    parallel.rows(scale, (xc, out), pieces=True)
-    return out, (xc, rstd, gamma, training, channels_last), (new_mean, new_var)
-
-
-def _bn_axes(x_shape, channels_last):
-    """The axes BatchNorm reduces over (all but the channels), the shape that broadcasts a
-    per-channel (C,) vector against x ((C, 1, 1) for (N, C, H, W), (C,) for (N, H, W, C)),
-    and the einsum spec of a per-channel sum of products (backend.sum_of_products: on NumPy
-    one pass without a product array of x's size)."""
-    if channels_last:
-        return (0, 1, 2), (x_shape[-1],), "nhwc,nhwc->c"
-    return (0, 2, 3), (x_shape[1], 1, 1), "nchw,nchw->c"
-
-
-def batchnorm2d_backward(dout, cache):
-    """dout (x's shape) -> dx (x's shape), dgamma (C,), dbeta (C,)."""
-    xc, rstd, gamma, training, channels_last = cache
-    axes, shape, spec = _bn_axes(dout.shape, channels_last)
-    xp = get_array_module(dout)
-    # dgamma = sum(dout * xhat) = rstd * sum(dout * xc), a block of images per CPU thread
-    dgamma, dbeta = parallel.total(parallel.rows(
-        lambda dout, xc: (sum_of_products(spec, dout, xc), dout.sum(axis=axes)), (dout, xc)))
-    dgamma *= rstd
-    g = (gamma * rstd).reshape(shape)
-    dx = xp.empty(dout.shape, dout.dtype)
-    if not training:
-        parallel.rows(lambda dout, dx: xp.multiply(dout, g, out=dx), (dout, dx))
-        return dx, dgamma, dbeta
-    M = dout.size // dbeta.shape[0]
-    # dx = gamma*rstd * (dout - mean(dout) - xhat * mean(dout * xhat)), means over (N, H, W);
-    # the two subtracted terms are the paths through the batch mean and variance. With
-    # xhat = xc * rstd, the last term is xc times the per-channel rstd * dgamma / M.
-    dgamma_m, dbeta_m = (-dgamma * rstd / M).reshape(shape), (dbeta / M).reshape(shape)
-
-    def grad(dout, xc, dx):
-        xp.multiply(xc, dgamma_m, out=dx)
-        dx += dout
-        dx -= dbeta_m
-        dx *= g
-
-    parallel.rows(grad, (dout, xc, dx), pieces=True)
-    return dx, dgamma, dbeta
+    return bn_axes(x.shape, channels_last)
 
 
 def layernorm_forward(x, gamma, beta, eps=1e-5):
-    """LayerNorm over the last (channel) axis.
+    """LayerNorm over the last (channel) axis: each token normalised over its own C values.
 
     x (..., C), gamma, beta (C,) -> out (..., C).
     cache: xhat (..., C), rstd (..., 1), gamma.
     """
-    xp, C = get_array_module(x), _check_layernorm(x, gamma, beta)
-    # two new arrays of x's size (xhat, out), made once: the token arrays are large
-    xhat, out = xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype)
-    rstd = xp.empty(x.shape[:-1] + (1,), x.dtype)
-    rows = (x.reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1), out.reshape(-1, C))  # (M, C), M tokens
-    parallel.rows(_layernorm_rows, rows, gamma, beta, eps, pieces=True)
-    return out, (xhat, rstd, gamma)
+    check_layernorm(x, gamma, beta)
+    xp = get_array_module(x)
+    xc = x - x.mean(axis=-1, keepdims=True)                         # (..., C), centred per token
+    var = (xc * xc).mean(axis=-1, keepdims=True)                    # (..., 1), biased
+    rstd = 1.0 / xp.sqrt(var + eps)                                 # (..., 1)
+    xhat = xc * rstd
+    return xhat * gamma + beta, NormCache(xhat, rstd, gamma)
 
 
-def layernorm_inference(x, gamma, beta, eps=1e-5):
-    """layernorm_forward's out alone, for `nn.no_grad()`: with nothing cached, xhat is built in
-    out itself, so one array of x's size is made instead of two and each pass moves one array
-    less (in the model, 2.2 -> 1.8 ms for a stage-0 LayerNorm at batch 128)."""
-    xp, C = get_array_module(x), _check_layernorm(x, gamma, beta)
-    out, rstd = xp.empty(x.shape, x.dtype), xp.empty(x.shape[:-1] + (1,), x.dtype)
-    rows = (x.reshape(-1, C), out.reshape(-1, C), rstd.reshape(-1, 1), out.reshape(-1, C))
-    parallel.rows(_layernorm_rows, rows, gamma, beta, eps, pieces=True)
-    return out
+def layernorm_backward(dout, cache):
+    """dout (..., C) -> dx (..., C), dgamma (C,), dbeta (C,)."""
+    xhat, rstd, gamma = cache[:3]
+    C = gamma.shape[0]
+    dbeta = dout.reshape(-1, C).sum(axis=0)             # forward was: out = xhat * gamma + beta
+    dgamma = (dout * xhat).reshape(-1, C).sum(axis=0)
+    dxhat = dout * gamma                                # (..., C)
+    # BatchNorm's form, with the means taken over each token's channels
+    dx = rstd * (dxhat - dxhat.mean(axis=-1, keepdims=True)
+                 - xhat * (dxhat * xhat).mean(axis=-1, keepdims=True))
+    return dx, dgamma, dbeta
 
 
-def _check_layernorm(x, gamma, beta):
+def check_layernorm(x, gamma, beta):
     """Refuse mismatched inputs with a message naming the shapes; returns C."""
     layer = "layernorm"
     check_float(layer, ("x", x), ("gamma", gamma), ("beta", beta))
@@ -148,57 +128,3 @@ def _check_layernorm(x, gamma, beta):
         raise ValueError(f"layernorm: x must have shape (..., {C}), got {tuple(x.shape)}")
     check_shape(layer, "beta", beta, (C,))
     return C
-
-
-def _layernorm_rows(x, xhat, rstd, out, gamma, beta, eps):
-    """A block of rows (M, C) of the forward, into xhat, rstd (M, 1) and out; xhat may be out
-    itself (layernorm_inference): out = xhat * gamma is then a multiplication in place."""
-    xp = get_array_module(x)
-    xp.subtract(x, _row_means(x), out=xhat)                              # centred
-    # the sum of squares is an einsum, which multiplies and adds in one pass with no product
-    # array (CuPy's makes it a batched matrix product of contiguous rows: no temporaries either)
-    rstd[:, 0] = xp.einsum("mc,mc->m", xhat, xhat)
-    rstd /= x.shape[-1]                                                 # biased variance
-    rstd += eps
-    xp.sqrt(rstd, out=rstd)
-    xp.reciprocal(rstd, out=rstd)
-    xhat *= rstd
-    xp.multiply(xhat, gamma, out=out)
-    out += beta
-
-
-def layernorm_backward(dout, cache):
-    """dout (..., C) -> dx (..., C), dgamma (C,), dbeta (C,)."""
-    xhat, rstd, gamma = cache
-    C = gamma.shape[0]
-    xp = get_array_module(dout)
-    dx = xp.empty(dout.shape, dout.dtype)
-    rows = (dout.reshape(-1, C), xhat.reshape(-1, C), rstd.reshape(-1, 1), dx.reshape(-1, C))
-    dgamma, dbeta = parallel.total(parallel.rows(_layernorm_grad_rows, rows, gamma, pieces=True))
-    return dx, dgamma, dbeta
-
-
-def _layernorm_grad_rows(dout, xhat, rstd, dx, gamma):
-    """A block of rows (M, C) of the backward: dx into `dx`; returns this block's share of
-    dgamma and dbeta (sums over its rows)."""
-    xp = get_array_module(dout)
-    C = gamma.shape[0]
-    # a sum of products as einsum on NumPy: one pass, no product array
-    dgamma = sum_of_products("mc,mc->c", dout, xhat)
-    dbeta = dout.sum(axis=0)
-    dxhat = dout * gamma                                            # (M, C)
-    # same form as BatchNorm's, with means over the channel axis of each token:
-    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), built in place
-    proj = xp.einsum("mc,mc->m", dxhat, xhat)[:, None] / C         # (M, 1)
-    xp.multiply(xhat, -proj, out=dx)
-    dx += dxhat
-    dx -= _row_means(dxhat)
-    dx *= rstd
-    return dgamma, dbeta
-
-
-def _row_means(a):
-    """The mean of each row (M, C) -> (M, 1), as a matrix-vector product: BLAS does it 2-3x
-    faster than NumPy's reduction over rows as short as a token's 64 channels."""
-    C = a.shape[-1]
-    return (a @ get_array_module(a).full(C, 1.0 / C, dtype=a.dtype))[:, None]

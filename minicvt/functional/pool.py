@@ -3,8 +3,10 @@ when there is no class token).
 
 Shapes: N batch, C channels, H, W map size, OH, OW pooled size, T tokens.
 """
+from typing import NamedTuple
+
 from ..backend import get_array_module
-from ._checks import check_float, check_ndim, pair
+from .checks import check_float, check_ndim, pair
 
 
 def pool_output_size(size, kernel, stride, padding, ceil_mode):
@@ -24,6 +26,15 @@ def _divisors(xp, size, out, kernel, stride, padding, count_include_pad, dtype):
     if not count_include_pad:
         start, end = xp.maximum(start, 0), xp.minimum(end, size)
     return (end - start).astype(dtype)
+
+
+class PoolCache(NamedTuple):
+    x_shape: tuple          # (N, C, H, W)
+    pad_shape: tuple        # the padded input's shape, ceil_mode's overhang included
+    div: object             # (OH, OW), how many entries each window averages
+    kernel: tuple           # (kh, kw)
+    stride: tuple           # (sh, sw)
+    padding: tuple          # (ph, pw)
 
 
 def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True):
@@ -53,7 +64,7 @@ def avg_pool2d_forward(x, kernel_size, stride=None, padding=0, ceil_mode=False, 
             total += xpad[:, :, i:i + sh * OH:sh, j:j + sw * OW:sw]
     div = (_divisors(xp, H, OH, kh, sh, ph, count_include_pad, x.dtype)[:, None]
            * _divisors(xp, W, OW, kw, sw, pw, count_include_pad, x.dtype)[None, :])   # (OH, OW)
-    cache = (x.shape, xpad.shape, div, (kh, kw), (sh, sw), (ph, pw))
+    cache = PoolCache(x.shape, xpad.shape, div, (kh, kw), (sh, sw), (ph, pw))
     return total / div, cache
 
 

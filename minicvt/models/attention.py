@@ -15,9 +15,8 @@ projections (keys/values squeezed by stride 2 have about 4x fewer), h heads, d =
 """
 import numpy as np
 
-from .. import functional as F
-from .. import nn, parallel
-from ..backend import get_array_module
+from .. import nn
+from ..kernels import ops
 from .tokens import cat_cls, grid_to_tokens, map_to_tokens, split_cls, tokens_to_grid, tokens_to_map
 
 
@@ -35,21 +34,12 @@ class ConvProjection(nn.Module):
     def forward(self, x):
         if self.training or nn.grad_enabled():
             y = self.bn(self.conv(x))                       # (N, H', W', C)
-        else:
-            y = self._folded(x)                             # inference: one pass instead of two
+        else:       # inference: the same, and the fast kernels fold the BatchNorm into the filters
+            conv, bn = self.conv, self.bn
+            y = ops.depthwise_bn_inference(x, conv.weight.data, bn.weight.data, bn.bias.data, bn.running_mean,
+                                           bn.running_var, bn.eps, conv.stride, conv.padding, channels_last=True)
         self._save(y.shape[1:3])
         return grid_to_tokens(y)                            # (N, H'W', C)
-
-    def _folded(self, x):
-        """Eval-mode BatchNorm is a per-channel affine map: with g = gamma / sqrt(var + eps),
-        bn(conv(x)) = conv_{w * g}(x) + (beta - mean * g), a depthwise convolution with scaled
-        filters and a bias. Only under no_grad: no backward follows, so nothing is cached."""
-        conv, bn = self.conv, self.bn
-        g = bn.weight.data / get_array_module(x).sqrt(bn.running_var + bn.eps)     # (C,)
-        out, _ = F.depthwise_conv2d_forward(x, conv.weight.data * g[:, None, None, None],
-                                            bn.bias.data - bn.running_mean * g, conv.stride,
-                                            conv.padding, channels_last=True)
-        return out
 
     def backward(self, dout):
         """dout (N, H'W', C) -> dx (N, H, W, C)."""
@@ -78,8 +68,11 @@ class AvgProjection(nn.Module):
 
 
 def _sum(arrays):
-    """The sum of a list of equally shaped gradients (a block of rows per CPU thread)."""
-    return arrays[0] if len(arrays) == 1 else parallel.add(*arrays)
+    """The sum of a list of equally shaped gradients."""
+    total = arrays[0]
+    for a in arrays[1:]:
+        total = total + a
+    return total
 
 
 def _build_projection(dim, kernel_size, padding, stride, method, dtype, rng):
@@ -96,8 +89,9 @@ class Attention(nn.Module):
     """x (N, [1+]H*W, dim_in), H, W -> (N, [1+]H*W, dim_out).
 
     scale: 'official' multiplies the scores by dim_out ** -0.5 (the official code's choice),
-    'head' by d ** -0.5. With keep_attention = True the probabilities (N, h, Tq, Tk) of the last
-    forward stay in `.attention` (for attention maps); off, nothing is kept.
+    'head' by d ** -0.5. The attention itself is `sdpa`, an nn.ScaledDotProductAttention: with
+    its keep_attention on, the probabilities (N, h, Tq, Tk) of the last forward stay in
+    `sdpa.attention` (for attention maps; CvT.keep_attention switches every block's).
     Dropout modules draw their masks from `drop_rng` (a backend.BackendRNG shared by the model).
     """
 
@@ -120,11 +114,10 @@ class Attention(nn.Module):
         self.proj_q = nn.Linear(dim_in, dim_out, bias=qkv_bias, dtype=dtype, rng=rng)
         self.proj_k = nn.Linear(dim_in, dim_out, bias=qkv_bias, dtype=dtype, rng=rng)
         self.proj_v = nn.Linear(dim_in, dim_out, bias=qkv_bias, dtype=dtype, rng=rng)
+        self.sdpa = nn.ScaledDotProductAttention(num_heads, self.scale)
         self.attn_drop = nn.Dropout(attn_drop, rng=drop_rng)
         self.proj = nn.Linear(dim_out, dim_out, bias=True, dtype=dtype, rng=rng)
         self.proj_drop = nn.Dropout(proj_drop, rng=drop_rng)
-        self.keep_attention = False
-        self.attention = None
 
     def _projections(self):
         return (self.conv_proj_q, self.conv_proj_k, self.conv_proj_v)
@@ -167,15 +160,12 @@ class Attention(nn.Module):
         q, k, v = self.proj_q(q), self.proj_k(k), self.proj_v(v)        # (N, T*, D)
         N, Tq, Tk = q.shape[0], q.shape[1], k.shape[1]
         mask = self.attn_drop.mask((N, self.num_heads, Tq, Tk), q.dtype)  # None unless training
-        out, core = F.attention_forward(q, k, v, self.num_heads, self.scale, mask)   # (N, [1+]Tq, D)
-        self.attention = core[3] if self.keep_attention else None      # (N, h, Tq, Tk)
-        self._save(core)
+        out = self.sdpa(q, k, v, mask)                                  # (N, [1+]Tq, D)
         return self.proj_drop(self.proj(out))
 
     def backward(self, dout):
         """dout (N, [1+]T, D) -> dx (N, [1+]T, dim_in)."""
-        core = self._take()
         d = self.proj.backward(self.proj_drop.backward(dout))
-        dq, dk, dv = F.attention_backward(d, core)
+        dq, dk, dv = self.sdpa.backward(d)
         dq, dk, dv = self.proj_q.backward(dq), self.proj_k.backward(dk), self.proj_v.backward(dv)
         return self.backward_conv(dq, dk, dv)

@@ -12,7 +12,7 @@ random generator they draw independent masks, as the official calls do.
 """
 import numpy as np
 
-from .. import nn, parallel
+from .. import nn
 from .attention import Attention
 
 
@@ -68,12 +68,11 @@ class Block(nn.Module):
                        drop_rng=drop_rng)
 
     def forward(self, x, H, W):
-        # each residual sum x + branch(x) is parallel.add: the same sum, a block of rows per CPU thread
-        x = parallel.add(x, self.drop_path1(self.attn(self.norm1(x), H, W)))     # (N, T, C)
-        return parallel.add(x, self.drop_path2(self.mlp(self.norm2(x))))
+        x = x + self.drop_path1(self.attn(self.norm1(x), H, W))       # (N, T, C)
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
     def backward(self, dout):
         """dout (N, T, C) -> dx (N, T, C): the forward read bottom-up; each residual adds the
         gradient through its branch to the gradient that skips it."""
-        dx = parallel.add(dout, self.norm2.backward(self.mlp.backward(self.drop_path2.backward(dout))))
-        return parallel.add(dx, self.norm1.backward(self.attn.backward(self.drop_path1.backward(dx))))
+        dx = dout + self.norm2.backward(self.mlp.backward(self.drop_path2.backward(dout)))
+        return dx + self.norm1.backward(self.attn.backward(self.drop_path1.backward(dx)))

@@ -175,14 +175,14 @@ class ConvolutionalVisionTransformer(nn.Module):
         """Keep each block's attention probabilities (N, h, Tq, Tk) from the next forwards."""
         for _, m in self.named_modules():
             if isinstance(m, Attention):
-                m.keep_attention = on
-                m.attention = None
+                m.sdpa.keep_attention = on
+                m.sdpa.attention = None
         return self
 
     def attention_maps(self):
         """{'stage2.blocks.0.attn': probabilities (N, h, Tq, Tk)} from the last forward."""
-        return {name[:-1]: m.attention for name, m in self.named_modules()
-                if isinstance(m, Attention) and m.attention is not None}
+        return {name[:-1]: m.sdpa.attention for name, m in self.named_modules()
+                if isinstance(m, Attention) and m.sdpa.attention is not None}
 
     def to(self, backend_name=None, dtype=None):
         super().to(backend_name, dtype)

@@ -1,4 +1,5 @@
-"""Stateful layers: each wraps one pair of pure functions from minicvt.functional.
+"""Stateful layers: each wraps one pair of pure functions, those of minicvt.functional or their
+fast twins in minicvt.fast, as minicvt.kernels chooses (`ops.conv2d_forward` is the chosen set's).
 
 Parameter names and layouts follow PyTorch (`weight`, `bias`, `running_mean`, ...), so a
 state_dict moves between the two unchanged. Initial weights are drawn on the host from a
@@ -10,8 +11,8 @@ import math
 import numpy as np
 
 from .. import backend
-from .. import functional as F
-from ..functional._checks import pair
+from ..functional import pair
+from ..kernels import ops
 from .module import Module, Parameter, grad_enabled
 
 
@@ -57,13 +58,13 @@ class Conv2d(_WeightBias):
             self.bias = b
 
     def forward(self, x):
-        out, cache = F.conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding,
+        out, cache = ops.conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding,
                                       self.channels_last)
         self._save(cache)
         return out
 
     def backward(self, dout):
-        dx, dw, db = F.conv2d_backward(dout, self._take())
+        dx, dw, db = ops.conv2d_backward(dout, self._take())
         self._add_grads(dw, db)
         return dx
 
@@ -82,13 +83,13 @@ class DepthwiseConv2d(_WeightBias):
             self.bias = b
 
     def forward(self, x):
-        out, cache = F.depthwise_conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding,
+        out, cache = ops.depthwise_conv2d_forward(x, self.weight.data, self._bias(), self.stride, self.padding,
                                                 self.channels_last)
         self._save(cache)
         return out
 
     def backward(self, dout):
-        dx, dw, db = F.depthwise_conv2d_backward(dout, self._take())
+        dx, dw, db = ops.depthwise_conv2d_backward(dout, self._take())
         self._add_grads(dw, db)
         return dx
 
@@ -103,12 +104,12 @@ class Linear(_WeightBias):
             self.bias = b
 
     def forward(self, x):
-        out, cache = F.linear_forward(x, self.weight.data, self._bias())
+        out, cache = ops.linear_forward(x, self.weight.data, self._bias())
         self._save(cache)
         return out
 
     def backward(self, dout):
-        dx, dw, db = F.linear_backward(dout, self._take())
+        dx, dw, db = ops.linear_backward(dout, self._take())
         self._add_grads(dw, db)
         return dx
 
@@ -128,7 +129,7 @@ class BatchNorm2d(Module):
         self.register_buffer("num_batches_tracked", backend.to_device(np.zeros((), np.int64)))
 
     def forward(self, x):
-        out, cache, (mean, var) = F.batchnorm2d_forward(
+        out, cache, (mean, var) = ops.batchnorm2d_forward(
             x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
             self.training, self.momentum, self.eps, self.channels_last)
         if self.training:
@@ -138,7 +139,7 @@ class BatchNorm2d(Module):
         return out
 
     def backward(self, dout):
-        dx, dgamma, dbeta = F.batchnorm2d_backward(dout, self._take())
+        dx, dgamma, dbeta = ops.batchnorm2d_backward(dout, self._take())
         self.weight.grad += dgamma
         self.bias.grad += dbeta
         return dx
@@ -155,14 +156,13 @@ class LayerNorm(Module):
 
     def forward(self, x):
         if not grad_enabled():           # no backward to come: nothing cached, one array fewer
-            self._save(None)             # (and no earlier forward's cache left for a backward)
-            return F.layernorm_inference(x, self.weight.data, self.bias.data, self.eps)
-        out, cache = F.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
+            return ops.layernorm_inference(x, self.weight.data, self.bias.data, self.eps)
+        out, cache = ops.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
         self._save(cache)
         return out
 
     def backward(self, dout):
-        dx, dgamma, dbeta = F.layernorm_backward(dout, self._take())
+        dx, dgamma, dbeta = ops.layernorm_backward(dout, self._take())
         self.weight.grad += dgamma
         self.bias.grad += dbeta
         return dx
@@ -179,14 +179,13 @@ class GELU(Module):
 
     def forward(self, x):
         if not grad_enabled():           # as LayerNorm: nothing cached, one array fewer
-            self._save(None)
-            return F.gelu_inference(x, self.approximate)
-        out, cache = F.gelu_forward(x, self.approximate)
+            return ops.gelu_inference(x, self.approximate)
+        out, cache = ops.gelu_forward(x, self.approximate)
         self._save(cache)
         return out
 
     def backward(self, dout):
-        return F.gelu_backward(dout, self._take())
+        return ops.gelu_backward(dout, self._take())
 
 
 class QuickGELU(Module):
@@ -194,14 +193,13 @@ class QuickGELU(Module):
 
     def forward(self, x):
         if not grad_enabled():
-            self._save(None)
-            return F.quick_gelu_inference(x)
-        out, cache = F.quick_gelu_forward(x)
+            return ops.quick_gelu_inference(x)
+        out, cache = ops.quick_gelu_forward(x)
         self._save(cache)
         return out
 
     def backward(self, dout):
-        return F.quick_gelu_backward(dout, self._take())
+        return ops.quick_gelu_backward(dout, self._take())
 
 
 class Dropout(Module):
@@ -227,20 +225,20 @@ class Dropout(Module):
         identity (eval mode or p == 0)."""
         if not self.training or self.p == 0.0:
             return None
-        return F.dropout_mask(self.rng, self.mask_shape(x_shape), self.p, dtype)
+        return ops.dropout_mask(self.rng, self.mask_shape(x_shape), self.p, dtype)
 
     def forward(self, x):
         mask = self.mask(x.shape, x.dtype)
         if mask is None:
             self._save("identity")
             return x
-        out, cache = F.dropout_forward(x, mask)
+        out, cache = ops.dropout_forward(x, mask)
         self._save(cache)
         return out
 
     def backward(self, dout):
         mask = self._take()
-        return dout if isinstance(mask, str) else F.dropout_backward(dout, mask)
+        return dout if isinstance(mask, str) else ops.dropout_backward(dout, mask)
 
 
 class DropPath(Dropout):
@@ -261,30 +259,31 @@ class AvgPool2d(Module):
         self.args = (kernel_size, stride, padding, ceil_mode, count_include_pad)
 
     def forward(self, x):
-        out, cache = F.avg_pool2d_forward(x, *self.args)
+        out, cache = ops.avg_pool2d_forward(x, *self.args)
         self._save(cache)
         return out
 
     def backward(self, dout):
-        return F.avg_pool2d_backward(dout, self._take())
+        return ops.avg_pool2d_backward(dout, self._take())
 
 
 class TokenMean(Module):
     """x (N, T, C) -> (N, C), the mean over tokens."""
 
     def forward(self, x):
-        out, cache = F.token_mean_forward(x)
+        out, cache = ops.token_mean_forward(x)
         self._save(cache)
         return out
 
     def backward(self, dout):
-        return F.token_mean_backward(dout, self._take())
+        return ops.token_mean_backward(dout, self._take())
 
 
 class ScaledDotProductAttention(Module):
-    """Multi-head attention core: (q (N, Tq, C), k (N, Tk, C), v (N, Tk, C)) -> (N, Tq, C).
-    backward returns (dq, dk, dv). With keep_attention=True the last probabilities
-    (N, h, Tq, Tk) stay in .attention for pictures."""
+    """Multi-head attention core: (q (N, Tq, C), k (N, Tk, C), v (N, Tk, C)) -> (N, Tq, C), with
+    an optional dropout mask (N, h, Tq, Tk) on the probabilities; backward returns (dq, dk, dv).
+    With keep_attention=True the last forward's probabilities (N, h, Tq, Tk) stay in
+    .attention (for attention maps); off, nothing is kept."""
 
     def __init__(self, num_heads, scale=None):
         super().__init__()
@@ -292,29 +291,29 @@ class ScaledDotProductAttention(Module):
         self.keep_attention = False
         self.attention = None
 
-    def forward(self, q, k, v):
-        out, cache = F.attention_forward(q, k, v, self.num_heads, self.scale)
-        self.attention = cache[3] if self.keep_attention else None
+    def forward(self, q, k, v, drop_mask=None):
+        out, cache = ops.attention_forward(q, k, v, self.num_heads, self.scale, drop_mask)
+        self.attention = cache.p if self.keep_attention else None
         self._save(cache)
         return out
 
     def backward(self, dout):
-        return F.attention_backward(dout, self._take())
+        return ops.attention_backward(dout, self._take())
 
 
 class CrossEntropyLoss(Module):
     """forward(logits (N, K), labels (N,)) -> scalar loss; backward(dloss=1.0) -> dlogits (N, K).
     check_labels=False reads nothing back from the GPU: out-of-range labels give a NaN loss,
-    and the caller counts them with F.label_errors (F.cross_entropy_forward says more)."""
+    and the caller counts them with functional.label_errors (its cross_entropy_forward says more)."""
 
     def __init__(self, label_smoothing=0.0, check_labels=True):
         super().__init__()
         self.label_smoothing, self.check_labels = label_smoothing, check_labels
 
     def forward(self, logits, labels):
-        loss, cache = F.cross_entropy_forward(logits, labels, self.label_smoothing, self.check_labels)
+        loss, cache = ops.cross_entropy_forward(logits, labels, self.label_smoothing, self.check_labels)
         self._save(cache)
         return loss
 
     def backward(self, dout=1.0):
-        return F.cross_entropy_backward(dout, self._take())
+        return ops.cross_entropy_backward(dout, self._take())

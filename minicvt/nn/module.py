@@ -185,6 +185,8 @@ class Module:
         return cache
 
     def __call__(self, *args, **kwargs):
+        if not _grad_state["enabled"]:      # no earlier forward's cache is left for a backward
+            object.__setattr__(self, "_cache", None)
         return self.forward(*args, **kwargs)
 
     def forward(self, *args, **kwargs):

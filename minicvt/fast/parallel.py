@@ -34,7 +34,7 @@ import os
 import queue
 import threading
 
-from . import backend
+from .. import backend
 
 # below this many elements handing a block to another thread (tens of microseconds) costs
 # more than the pass it saves
