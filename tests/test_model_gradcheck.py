@@ -15,6 +15,7 @@ from cvt_tiny import tiny_config
 from minicvt import backend, gradcheck, nn
 from minicvt.models import build_model
 
+pytestmark = pytest.mark.usefixtures("both_kernels")      # the reference and the fast kernels
 TOL = 1e-5
 MAX_ENTRIES = 4          # sampled entries per array: every array is visited, the test stays fast
 
