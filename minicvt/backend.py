@@ -12,13 +12,15 @@ Rules (see docs/backend.md):
 - Initial weights are drawn on the host from a seeded NumPy generator (`host_rng`) and then
   moved with `to_device`, so a CPU run and a GPU run start from identical weights.
 - Random numbers needed during training (dropout masks, augmentation) come from
-  `BackendRNG`, which draws on the device that holds the data.
+  `BackendRNG`, streams keyed by (seed, purpose, epoch, step), drawn on the device that holds
+  the data.
 - On Linux, importing minicvt asks the C allocator to keep freed large blocks for reuse
   (`reuse_freed_memory`; MINICVT_REUSE_MEMORY=0 turns it off).
 """
 import ctypes
 import os
 import sys
+import zlib
 
 import numpy as np
 
@@ -201,25 +203,54 @@ def default_host_rng():
 
 
 class BackendRNG:
-    """Random numbers drawn where the data lives (dropout masks, augmentation).
+    """A stream of random numbers drawn where the data lives (dropout masks, augmentation),
+    named by a key: (seed, purpose, epoch, step).
 
-    On NumPy this is a numpy Generator; on CuPy, cupy.random's generator, so masks are
-    made on the GPU without a host round trip. The stream differs between backends.
+        rng = BackendRNG(seed, "dropout")
+        rng.at(epoch, step)            # the draws of that step: they depend on the key alone
+        mask = rng.random((N, 1, 1))
+
+    Keyed streams are what an exact resume from the middle of an epoch needs (the stream of
+    step s is made again from its key, without replaying steps 0..s-1), what data parallelism
+    needs (every process makes the same stream and takes its slice of a global batch's draws),
+    and what CuPy allows: a cuRAND generator's state cannot be saved, a key can. `purpose`
+    keeps the streams of one run apart ('dropout' for the model's masks, 'augment' for the
+    data's crops and flips).
+
+    The generator is made at the first draw after `at`, on the backend active then: on NumPy a
+    numpy Generator, on CuPy cupy.random's, so masks are made on the GPU without a host round
+    trip; a model moved with .to() draws on its new backend from the same key. The numbers
+    differ between backends.
     """
 
-    def __init__(self, seed=0):
+    def __init__(self, seed=0, purpose="dropout"):
+        self.purpose = purpose
         self.seed(seed)
 
     def seed(self, seed):
-        """Start the stream again from `seed`, on the backend active now."""
-        self.backend, self.initial_seed = get_backend(), seed
-        self._xp, self._gen = xp(), None
+        """Start again from `seed`, at epoch 0, step 0."""
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"a random seed must be a whole number >= 0, got {seed!r}")
+        self.initial_seed = int(seed)
+        return self.at(0, 0)
+
+    def at(self, epoch, step):
+        """Move the stream to the draws of (epoch, step); returns self."""
+        self.epoch, self.step = int(epoch), int(step)
+        self.backend, self._gen = None, None
+        return self
+
+    def key(self):
+        """The generator's seed for this (seed, purpose, epoch, step): a 32-bit integer from
+        NumPy's SeedSequence, which mixes the four so that nearby keys give unrelated streams."""
+        purpose = zlib.crc32(self.purpose.encode())
+        sequence = np.random.SeedSequence(self.initial_seed, spawn_key=(purpose, self.epoch, self.step))
+        return int(sequence.generate_state(1, np.uint32)[0])
 
     def _generator(self):
-        # made at the first draw: on a GPU a generator is a cuRAND state in device memory, and
-        # a module whose dropout rate is 0 never draws
-        if self._gen is None:
-            self._gen = self._xp.random.default_rng(self.initial_seed)
+        if self._gen is None or self.backend != get_backend():
+            self.backend = get_backend()
+            self._gen = xp().random.default_rng(self.key())
         return self._gen
 
     def random(self, shape, dtype=np.float32):

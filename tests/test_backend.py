@@ -168,6 +168,23 @@ def test_backend_rng_integers(xp):
     assert set(np.unique(a)) == {2, 3, 4, 5, 6}
 
 
+def test_a_random_stream_depends_on_its_key_alone(xp):
+    """BackendRNG(seed, purpose).at(epoch, step): the same key gives the same draws whatever was
+    drawn before (what a resume from the middle of an epoch needs); another seed, purpose,
+    epoch or step gives other draws."""
+    rng = backend.BackendRNG(3, "dropout")
+    first = backend.to_numpy(rng.at(2, 5).random((4, 3)))
+    rng.random((4, 3))                                   # more draws of the same step
+    rng.at(0, 0).random((7,))                            # another step's
+    np.testing.assert_array_equal(backend.to_numpy(rng.at(2, 5).random((4, 3))), first)
+    others = [backend.BackendRNG(4, "dropout").at(2, 5), backend.BackendRNG(3, "augment").at(2, 5),
+              backend.BackendRNG(3, "dropout").at(2, 6), backend.BackendRNG(3, "dropout").at(3, 5)]
+    for other in others:
+        assert not np.array_equal(backend.to_numpy(other.random((4, 3))), first)
+    with pytest.raises(ValueError, match="whole number >= 0"):
+        backend.BackendRNG(-1)
+
+
 # -- erfc ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-6), (np.float64, 1e-14)])

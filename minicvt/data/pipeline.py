@@ -100,7 +100,7 @@ class Loader:
     images (N, 3, H, W) uint8 and labels (N,) on the host; mean/std (3,) on the 0..1 scale.
     `epoch(e)` yields (x (B, 3, H, W) dtype, y (B,) int64) for epoch e: shuffled by a
     permutation seeded with (seed, e) when shuffle, augmented (random crop with `crop_padding`,
-    horizontal flip) when augment. The last partial batch is kept unless drop_last.
+    horizontal flip) when augment, batch i's draws from the stream keyed (seed, 'augment', e, i). The last partial batch is kept unless drop_last.
     `epoch(e, size=S)` resizes each batch to S×S after augmenting it at the images' own size
     (so the crop's padding shrinks with the image).
     """
@@ -127,8 +127,9 @@ class Loader:
     def epoch(self, e, size=None):
         n = len(self.labels)
         order = np.random.default_rng([self.seed, e]).permutation(n) if self.shuffle else np.arange(n)
-        rng = backend.BackendRNG(self.seed * 1_000_003 + e)   # augmentation stream of this epoch
+        rng = backend.BackendRNG(self.seed, "augment")
         for i in range(len(self)):
+            rng.at(e, i)                            # the crops and flips of batch i depend on (seed, e, i)
             idx = backend.to_device(order[i * self.batch_size:(i + 1) * self.batch_size])
             x = normalize(self.images[idx], self.mean, self.std, self.dtype)
             if self.augment:

@@ -85,8 +85,10 @@ class ConvolutionalVisionTransformer(nn.Module):
     """CvT: x (N, in_chans, H, W) -> logits (N, num_classes). State: `stage0..stage{S-1}`, `norm`,
     `head`; parameter names are the official state_dict keys.
 
-    `drop_rng` (a backend.BackendRNG seeded with `seed`) is shared by every dropout and drop-path
-    module, so their masks are independent draws from one stream; `.to(backend)` reseeds it there.
+    `drop_rng` (a backend.BackendRNG(seed, "dropout")) is the one source of randomness of the
+    model: every dropout and drop-path module draws from it, in the same order each forward, so
+    their masks are independent draws from one stream. The trainer moves it to each training
+    step, `drop_rng.at(epoch, step)`, so a step's masks depend on (seed, epoch, step) alone.
     """
 
     def __init__(self, config=None, dtype=np.float32, seed=0):
@@ -98,7 +100,7 @@ class ConvolutionalVisionTransformer(nn.Module):
             raise ValueError(f"CvT: num_classes must be at least 1, got {cfg.num_classes}")
         self.config, self.seed = cfg, seed
         rng = backend.host_rng(seed)                        # initial weights: same on every backend
-        self.drop_rng = backend.BackendRNG(seed)
+        self.drop_rng = backend.BackendRNG(seed, "dropout")
         in_chans = cfg.in_chans
         for i in range(cfg.num_stages):
             stage = VisionTransformer(
@@ -183,12 +185,6 @@ class ConvolutionalVisionTransformer(nn.Module):
         """{'stage2.blocks.0.attn': probabilities (N, h, Tq, Tk)} from the last forward."""
         return {name[:-1]: m.sdpa.attention for name, m in self.named_modules()
                 if isinstance(m, Attention) and m.sdpa.attention is not None}
-
-    def to(self, backend_name=None, dtype=None):
-        super().to(backend_name, dtype)
-        if backend_name is not None:
-            self.drop_rng.seed(self.seed)                   # masks are drawn where the data lives
-        return self
 
 
 def build_model(name_or_config="cvt-13", num_classes=None, seed=0, dtype=np.float32, **overrides):

@@ -204,8 +204,9 @@ class QuickGELU(Module):
 
 class Dropout(Module):
     """Inverted dropout in training mode, identity in eval mode or when p == 0.
-    Masks come from `rng` (a backend.BackendRNG; by default one seeded from
-    backend.default_host_rng(), so backend.manual_seed makes them reproducible)."""
+    Masks come from `rng`, a backend.BackendRNG: in a model, the model's one stream
+    (CvT.drop_rng), which the trainer moves to each step; alone, a stream of its own seeded from
+    backend.default_host_rng(), so backend.manual_seed makes its masks reproducible."""
 
     def __init__(self, p=0.0, rng=None):
         super().__init__()

@@ -149,7 +149,8 @@ class Module:
 
     def to(self, backend_name=None, dtype=None):
         """Move parameters (and their gradients) and buffers to a backend ('numpy' or 'cupy',
-        which becomes the active one) and/or cast floating arrays to dtype."""
+        which becomes the active one) and/or cast floating arrays to dtype. Random streams
+        (backend.BackendRNG) need no move: they make their generator on the active backend."""
         if backend_name is not None:
             backend.set_backend(backend_name)
 
@@ -163,9 +164,6 @@ class Module:
                 p.grad = backend.get_array_module(p.data).zeros_like(p.data)
             for name, b in m._buffers.items():
                 m._buffers[name] = move(b)
-            rng = m.__dict__.get("rng")
-            if backend_name is not None and isinstance(rng, backend.BackendRNG):
-                rng.seed(rng.initial_seed)      # dropout masks are drawn where the data lives
             m._cache = None
         return self
 
