@@ -88,7 +88,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as tF  # noqa: E402
 
-from minicvt import backend, nn, parallel  # noqa: E402
+from minicvt import backend, kernels, nn  # noqa: E402
+from minicvt.fast import parallel  # noqa: E402
 from minicvt.models import build_model  # noqa: E402  (also defines all the model's Module classes)
 from minicvt.optim import SGD, decays  # noqa: E402
 from minicvt.train import TrainConfig  # noqa: E402
@@ -300,8 +301,9 @@ def header(args, gpu):
              f"(BLAS: {tblas.split('=')[1].rstrip(',')})",
              f"- threads: {', '.join(f'{v}={os.environ.get(v)}' for v in THREAD_VARS)}, "
              f"torch.get_num_threads()={torch.get_num_threads()}; thread pools: {pools}; minicvt's "
-             f"own pool (minicvt.parallel): " + (f"{parallel.num_threads()} threads, OpenBLAS on one "
-             f"thread inside it" if parallel.num_threads() > 1 else "off, OpenBLAS keeps its threads"),
+             f"own pool (minicvt.fast.parallel): " + (f"{parallel.num_threads()} threads, OpenBLAS on one "
+             f"thread inside it" if parallel.num_threads() > 1 else "off, OpenBLAS keeps its threads")
+             + f"; kernels: {kernels.chosen()} (minicvt.kernels)",
              f"- float32, 32x32 inputs; SGD lr {tc.lr}, momentum {tc.momentum}, Nesterov {tc.nesterov}, "
              f"weight decay {tc.weight_decay}, label smoothing {tc.label_smoothing}; median of "
              f"{args.repeats} alternated calls per side after {args.warmup} warm-up calls, ms"]
