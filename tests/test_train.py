@@ -13,7 +13,8 @@ from cvt_tiny import tiny_config
 from minicvt import backend, data, nn
 from minicvt.checkpoint import CheckpointError, load_checkpoint
 from minicvt.models import build_model
-from minicvt.train import DivergedError, TrainConfig, Trainer, evaluate
+from minicvt.evaluation import evaluate
+from minicvt.train import DivergedError, TrainConfig, Trainer
 
 CLASSES = ["blue", "green", "red"]           # sorted, as the folder loader orders classes
 PER_CLASS, SIZE = 16, 16
