@@ -62,8 +62,8 @@ class TrainConfig:
     init_from: str = ""              # start from this checkpoint's (or model file's) weights
     # progressive resizing: "0.5:0.5,0.75:0.25" trains the first 50 % of the epochs on images
     # resized to half their side (16x16 for CIFAR-10), the next 25 % at three quarters (24x24),
-    # and the rest (at least the last epoch) at their own size; a size of 1 or more is in
-    # pixels ("16:0.5,24:0.25"); "" = off. See schedules.py
+    # and the rest (at least the last epoch) at their own size. A size below 1 is a fraction of
+    # the side, one of 1 or more whole pixels ("16:0.5,24:0.25"); "" = off. See schedules.py
     resolutions: str = "0.5:0.5,0.75:0.25"
     eval_flip: bool = True           # validation averages the logits of each image and its mirror
     minutes: float = 0.0             # plan the number of epochs to end within this many minutes
