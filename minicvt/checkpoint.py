@@ -18,6 +18,10 @@ from .backend import to_numpy
 
 FORMAT = "minicvt-checkpoint-1"
 
+# What a run did before a setting existed, where that differs from the setting's default: a
+# checkpoint written then has no entry for it, and resuming or scoring it must go on that way.
+SETTINGS_BEFORE = {"resolutions": "", "eval_flip": False}
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
@@ -81,6 +85,12 @@ def load_checkpoint(path):
     if "steps" in optim:
         optim["steps"] = int(optim["steps"])
     return model, optim, meta
+
+
+def saved_train_settings(saved):
+    """A checkpoint's train_config (meta["train_config"]) as its run ran: a setting the
+    checkpoint predates takes the value in SETTINGS_BEFORE, not today's default."""
+    return {**SETTINGS_BEFORE, **saved}
 
 
 def save_inference_copy(src, dst, dtype=np.float16):

@@ -20,60 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from . import backend, gradcheck
-from . import nn
 
-
-def _layer_cases(rand):
-    """(name, module, inputs, reset) for one representative configuration of every layer."""
-    dropout, drop_path = nn.Dropout(0.3), nn.DropPath(0.3)
-    cases = [
-        ("Conv2d k3 s2 p1", nn.Conv2d(3, 4, 3, stride=2, padding=1), (rand(2, 3, 5, 6),), None),
-        ("Conv2d k1", nn.Conv2d(3, 4, 1), (rand(2, 3, 4, 3),), None),
-        ("DepthwiseConv2d k3 s2 p1", nn.DepthwiseConv2d(3, 3, stride=2, padding=1, bias=True),
-         (rand(2, 3, 5, 6),), None),
-        ("Linear on tokens", nn.Linear(6, 5), (rand(2, 4, 6),), None),
-        ("BatchNorm2d train", nn.BatchNorm2d(3), (rand(2, 3, 3, 4),), None),
-        ("BatchNorm2d eval", nn.BatchNorm2d(3).eval(), (rand(2, 3, 3, 4),), None),
-        ("LayerNorm", nn.LayerNorm(6), (rand(2, 4, 6),), None),
-        ("GELU (erf)", nn.GELU(), (rand(3, 5),), None),
-        ("GELU (tanh)", nn.GELU("tanh"), (rand(3, 5),), None),
-        ("QuickGELU", nn.QuickGELU(), (rand(3, 5),), None),
-        ("Dropout p=0.3", dropout, (rand(3, 5),), lambda: dropout.rng.seed(7)),
-        ("DropPath p=0.3", drop_path, (rand(6, 4, 5),), lambda: drop_path.rng.seed(7)),
-        ("AvgPool2d k3 s2 p1 ceil", nn.AvgPool2d(3, 2, 1, ceil_mode=True), (rand(2, 3, 5, 6),), None),
-        ("TokenMean", nn.TokenMean(), (rand(2, 4, 6),), None),
-        ("Attention Tq=9 Tk=4 h=2", nn.ScaledDotProductAttention(2),
-         (rand(2, 9, 8), rand(2, 4, 8), rand(2, 4, 8)), None),
-    ]
-    dropout.rng, drop_path.rng = backend.BackendRNG(7), backend.BackendRNG(7)
-    return cases
+# Each command imports what only it uses inside its function, so that the others start without
+# loading it (no import cycle requires this).
 
 
 def cmd_check(args):
     """Run a float64 gradient check of every layer on the chosen backend and print the errors."""
-    xp = backend.set_backend(args.backend)
-    rng = np.random.default_rng(args.seed)
-
-    def rand(*shape):
-        return backend.to_device(rng.standard_normal(shape), dtype=np.float64)
-
-    tol = 1e-7
-    failed = 0
-    print(f"float64 gradient checks on backend {args.backend!r} (five-point differences; pass below {tol:g})")
-    for name, module, inputs, reset in _layer_cases(rand):
-        module.to(dtype=np.float64)
-        report = gradcheck.check_module(module, *inputs, reset=reset)
-        worst = report.worst()
-        ok = report.max_error <= tol
-        failed += not ok
-        print(f"  {'ok  ' if ok else 'FAIL'} {name:<28} max rel_error {report.max_error:.1e}  (worst: {worst.name})")
-    labels = xp.asarray(rng.integers(0, 5, size=3))
-    loss = nn.CrossEntropyLoss(label_smoothing=0.1)
-    report = gradcheck.check_function(
-        lambda z: (loss.forward(z, labels), None), lambda d, _: loss.backward(d), {"logits": rand(3, 5)})
-    ok = report.max_error <= tol
-    failed += not ok
-    print(f"  {'ok  ' if ok else 'FAIL'} {'CrossEntropy (smoothing 0.1)':<28} max rel_error {report.max_error:.1e}")
+    backend.set_backend(args.backend)
+    print(f"float64 gradient checks on backend {args.backend!r} (five-point differences; "
+          f"pass below {gradcheck.TOL:g})")
+    failed = gradcheck.run_checks(seed=args.seed)
     print("all gradients agree" if not failed else f"{failed} layer(s) FAILED")
     return 1 if failed else 0
 
@@ -130,7 +87,7 @@ def cmd_train(args):
 
 def cmd_eval(args):
     """Accuracy of a checkpoint on a dataset, with a per-class table."""
-    from .train import evaluate_checkpoint
+    from .evaluation import evaluate_checkpoint
 
     backend.set_backend(args.backend)
     loss, acc, per_class, classes, n, split = evaluate_checkpoint(
@@ -235,7 +192,9 @@ def build_parser():
     p.add_argument("--resolutions", metavar="SIZE:FRACTION,...", help="progressive resizing: the default "
                    "'0.5:0.5,0.75:0.25' trains the first 50 %% of the epochs on images resized to half their "
                    "side (16x16 for CIFAR-10), the next 25 %% at three quarters (24x24), the rest at full "
-                   "size; sizes may be pixels ('16:0.5'); '' trains at full size throughout")
+                   "size. A SIZE below 1 is a fraction of the image side; a SIZE of 1 or more is in pixels, "
+                   "a whole number of at least 4 ('16:0.5' and '16.0:0.5' are both 16x16); '' trains at full "
+                   "size throughout")
     p.add_argument("--no-eval-flip", dest="eval_flip", action="store_const", const=False,
                    help="validate on the images alone (default: the mean of each image's and its "
                    "mirror's logits)")

@@ -13,12 +13,18 @@ see docs/gradcheck.md.
     report = check_function(lambda x, w: F.linear_forward(x, w), F.linear_backward,
                             {"x": x, "w": w})
     report.assert_ok(1e-7)        # raises, naming the worst entry, if any error is larger
+
+`run_checks()` is `minicvt check`: one representative configuration of every layer
+(`layer_cases`) checked on the active backend.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
+from . import backend, nn
 from .backend import get_array_module, to_numpy
+
+TOL = 1e-7          # what `minicvt check` asks of every layer in float64
 
 
 @dataclass
@@ -190,3 +196,59 @@ def check_module(module, *inputs, seed=0, h=1e-3, max_entries=None, reset=None, 
         results.append(_result(name, p.data.shape, analytic, _compare(p.data, evaluate, idx, h), idx))
     module.load_state_dict(saved, strict=False)
     return GradReport(results)
+
+
+# -- minicvt check: every layer, once --------------------------------------------------------
+
+def layer_cases(rand):
+    """(name, module, inputs, reset) for one representative configuration of every layer;
+    rand(*shape) gives a float64 input on the active backend."""
+    dropout, drop_path = nn.Dropout(0.3), nn.DropPath(0.3)
+    cases = [
+        ("Conv2d k3 s2 p1", nn.Conv2d(3, 4, 3, stride=2, padding=1), (rand(2, 3, 5, 6),), None),
+        ("Conv2d k1", nn.Conv2d(3, 4, 1), (rand(2, 3, 4, 3),), None),
+        ("DepthwiseConv2d k3 s2 p1", nn.DepthwiseConv2d(3, 3, stride=2, padding=1, bias=True),
+         (rand(2, 3, 5, 6),), None),
+        ("Linear on tokens", nn.Linear(6, 5), (rand(2, 4, 6),), None),
+        ("BatchNorm2d train", nn.BatchNorm2d(3), (rand(2, 3, 3, 4),), None),
+        ("BatchNorm2d eval", nn.BatchNorm2d(3).eval(), (rand(2, 3, 3, 4),), None),
+        ("LayerNorm", nn.LayerNorm(6), (rand(2, 4, 6),), None),
+        ("GELU (erf)", nn.GELU(), (rand(3, 5),), None),
+        ("GELU (tanh)", nn.GELU("tanh"), (rand(3, 5),), None),
+        ("QuickGELU", nn.QuickGELU(), (rand(3, 5),), None),
+        ("Dropout p=0.3", dropout, (rand(3, 5),), lambda: dropout.rng.seed(7)),
+        ("DropPath p=0.3", drop_path, (rand(6, 4, 5),), lambda: drop_path.rng.seed(7)),
+        ("AvgPool2d k3 s2 p1 ceil", nn.AvgPool2d(3, 2, 1, ceil_mode=True), (rand(2, 3, 5, 6),), None),
+        ("TokenMean", nn.TokenMean(), (rand(2, 4, 6),), None),
+        ("Attention Tq=9 Tk=4 h=2", nn.ScaledDotProductAttention(2),
+         (rand(2, 9, 8), rand(2, 4, 8), rand(2, 4, 8)), None),
+    ]
+    dropout.rng, drop_path.rng = backend.BackendRNG(7), backend.BackendRNG(7)
+    return cases
+
+
+def run_checks(seed=0, tol=TOL, log=print):
+    """Check every layer of `layer_cases`, and the cross-entropy loss, in float64 on the active
+    backend; log one line per layer (ok or FAIL, its largest rel_error and where); return how
+    many failed. The same call can be repeated, e.g. once per backend."""
+    rng = np.random.default_rng(seed)
+
+    def rand(*shape):
+        return backend.to_device(rng.standard_normal(shape), dtype=np.float64)
+
+    def verdict(name, report, where=""):
+        ok = report.max_error <= tol
+        log(f"  {'ok  ' if ok else 'FAIL'} {name:<28} max rel_error {report.max_error:.1e}{where}")
+        return not ok
+
+    failed = 0
+    for name, module, inputs, reset in layer_cases(rand):
+        module.to(dtype=np.float64)
+        report = check_module(module, *inputs, reset=reset)
+        failed += verdict(name, report, f"  (worst: {report.worst().name})")
+    labels = backend.xp().asarray(rng.integers(0, 5, size=3))
+    loss = nn.CrossEntropyLoss(label_smoothing=0.1)
+    report = check_function(lambda z: (loss.forward(z, labels), None), lambda d, _: loss.backward(d),
+                            {"logits": rand(3, 5)})
+    failed += verdict("CrossEntropy (smoothing 0.1)", report)
+    return failed

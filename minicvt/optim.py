@@ -1,12 +1,10 @@
-"""Optimisers and the learning-rate schedule, with PyTorch's update rules.
+"""Optimisers, with PyTorch's update rules, and gradient clipping.
 
 Each optimiser updates `param.data` in place from `param.grad`; it never touches gradients
 (that is `zero_grad`'s job) and it holds its state (momentum, Adam moments) per parameter
 name, so `state_dict()` can be checkpointed as plain arrays. `lr` is an attribute the training
-loop sets every step from `cosine_lr`.
+loop sets every step (from `schedules.cosine_lr`).
 """
-import math
-
 from .backend import get_array_module, to_device, to_numpy
 
 
@@ -119,10 +117,9 @@ def clip_grad_norm(params, max_norm):
     return norm
 
 
-def cosine_lr(step, total_steps, base_lr, warmup_steps=0, min_lr=0.0):
-    """Linear warm-up from base_lr / warmup_steps to base_lr over warmup_steps, then cosine
-    decay to min_lr at total_steps. step counts from 0."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, t)))
+def make_optimizer(tc, model):
+    """The optimiser a run's settings name (tc: a TrainConfig) over every parameter of model."""
+    params = list(model.named_parameters())
+    if tc.optimizer == "sgd":
+        return SGD(params, tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay)
+    return AdamW(params, tc.lr, weight_decay=tc.weight_decay)

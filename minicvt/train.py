@@ -1,6 +1,6 @@
-"""Training and evaluation of a CvT on an image dataset (CIFAR-10 by default).
+"""Training a CvT on an image dataset (CIFAR-10 by default).
 
-The loop itself is the five lines every trainer has:
+The loop itself is the five lines every trainer has (`Trainer.train_epoch`):
 
     model.zero_grad()
     logits = model.forward(x)                    # (B, K)
@@ -8,11 +8,14 @@ The loop itself is the five lines every trainer has:
     model.backward(criterion.backward())         # fills every param.grad
     optimizer.step()
 
-Around it: a cosine learning-rate schedule with warm-up, progressive resizing (the first
-epochs on smaller images, `TrainConfig.train_size`), evaluation after every epoch, metrics
-appended to metrics.jsonl, curves drawn to curves.png, and an atomic checkpoint after every
-epoch (last.npz, and best.npz when validation accuracy improves) from which `resume` continues
-exactly: the data order, augmentation and dropout masks of epoch e depend only on (seed, e).
+Around it, what a real run needs: the learning rate set every step and the image size every
+epoch (schedules.py: cosine with warm-up, progressive resizing), running sums of the loss read
+back from the device once per logging interval, a stop on a NaN loss or a bad label, and after
+every epoch an evaluation (evaluation.py), metrics appended to metrics.jsonl, curves drawn to
+curves.png (viz/curves.py), and an atomic checkpoint (last.npz, and best.npz when validation
+accuracy improves) from which `resume` continues exactly: the data order, augmentation and
+dropout masks of epoch e depend only on (seed, e). `--minutes` plans the number of epochs
+first (planner.py).
 """
 import json
 import math
@@ -23,12 +26,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import backend, data, nn
+from . import backend, data, nn, schedules
 from . import functional as F
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .models import build_model, get_config
-from .models.configs import CvTConfig
-from .optim import SGD, AdamW, clip_grad_norm, cosine_lr
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, saved_train_settings
+from .evaluation import evaluate
+from .models import CvTConfig, build_model, get_config, load
+from .optim import clip_grad_norm, make_optimizer
+from .planner import plan_epochs
+from .viz import plot_curves
 
 
 @dataclass
@@ -57,20 +62,17 @@ class TrainConfig:
     init_from: str = ""              # start from this checkpoint's (or model file's) weights
     # progressive resizing: "0.5:0.5,0.75:0.25" trains the first 50 % of the epochs on images
     # resized to half their side (16x16 for CIFAR-10), the next 25 % at three quarters (24x24),
-    # and the rest (at least the last epoch) at their own size; a size may also be given in
-    # pixels ("16:0.5,24:0.25"); "" = off
+    # and the rest (at least the last epoch) at their own size. A size below 1 is a fraction of
+    # the side, one of 1 or more whole pixels ("16:0.5,24:0.25"); "" = off. See schedules.py
     resolutions: str = "0.5:0.5,0.75:0.25"
     eval_flip: bool = True           # validation averages the logits of each image and its mirror
     minutes: float = 0.0             # plan the number of epochs to end within this many minutes
-                                     # (0: take `epochs` as given); see Trainer.plan_epochs
-
-    # what a checkpoint written before a setting existed did, where that differs from its default
-    BEFORE = {"resolutions": "", "eval_flip": False}
+                                     # (0: take `epochs` as given); see planner.py
 
     @classmethod
     def from_saved(cls, saved):
-        """The settings stored in a checkpoint; those it predates keep the behaviour it had."""
-        return cls(**{**{k: v for k, v in cls.BEFORE.items() if k not in saved}, **saved})
+        """The settings stored in a checkpoint, those it predates as its run ran them."""
+        return cls(**saved_train_settings(saved))
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):
@@ -93,69 +95,21 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        self.resolution_parts()                       # a malformed schedule fails here
-
-    def resolution_parts(self):
-        """[(size, fraction of the epochs)] of `resolutions`: size an int (pixels) or a float in
-        (0, 1) (a fraction of the images' side)."""
-        parts, total = [], 0.0
-        for part in filter(None, self.resolutions.replace(" ", "").split(",")):
-            try:
-                size, fraction = part.split(":")
-                size, fraction = (float(size) if "." in size else int(size)), float(fraction)
-            except ValueError:
-                raise ValueError(f"resolutions: {part!r} is not SIZE:FRACTION (e.g. '0.5:0.5,0.75:0.25' "
-                                 f"trains 50 % of the epochs at half the image side, then 25 % at three "
-                                 f"quarters; '16:0.5' gives the size in pixels)") from None
-            if not (0 < size < 1 if isinstance(size, float) else size >= 4) or not 0 < fraction <= 1:
-                raise ValueError(f"resolutions: {part!r} needs a size in pixels >= 4 or a fraction of "
-                                 f"the side in (0, 1), and a fraction of the epochs in (0, 1]")
-            total += fraction
-            if total > 1 + 1e-9:
-                raise ValueError(f"resolutions {self.resolutions!r}: the fractions add up to more than 1")
-            parts.append((size, fraction))
-        return parts
+        schedules.parse_resolutions(self.resolutions)       # a malformed schedule fails here
 
     def resolution_plan(self, native, epochs=None):
-        """[(side in pixels, first epoch, end epoch)] of the progressive-resizing schedule for
-        images of side `native`, 0-based, end exclusive. Segment k ends at round(its cumulative
-        fraction × epochs) (Python's round: halves go to the even number), and never later
-        than the last epoch, which is always at the images' own size: the model saved last
-        has trained at the size it will be used at. epochs: another number of epochs than
-        the run's (to plan one)."""
-        epochs = self.epochs if epochs is None else epochs
-        plan, start, total = [], 0, 0.0
-        for size, fraction in self.resolution_parts():
-            side = int(round(size * native)) if isinstance(size, float) else size
-            if side > native:
-                raise ValueError(f"resolutions: {side}x{side} is larger than the {native}x{native} "
-                                 f"images; progressive resizing trains on smaller ones")
-            total += fraction
-            end = min(int(round(total * epochs)), epochs - 1)
-            plan.append((max(side, 4), start, end))
-            start = end
-        return plan
+        """[(side in pixels, first epoch, end epoch)] of this run's progressive resizing on
+        images of side `native` (schedules.resolution_plan); epochs: another number of epochs
+        than the run's (to plan one)."""
+        return schedules.resolution_plan(self.resolutions, native, self.epochs if epochs is None else epochs)
 
     def train_size(self, epoch, native):
         """The side of the training images in (0-based) epoch `epoch`; `native` after the plan."""
-        return next((side for side, start, end in self.resolution_plan(native) if start <= epoch < end),
-                    native)
-
-
-PLAN_RESERVE = 0.05           # of a --minutes budget, kept for what plan_epochs does not time
-PLAN_WARMUP, PLAN_STEPS = 2, 3   # steps per image size that plan_epochs runs untimed, then times
-MAX_PLANNED_EPOCHS = 100_000
+        return schedules.train_size(self.resolutions, native, self.epochs, epoch)
 
 
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def make_optimizer(tc, model):
-    params = list(model.named_parameters())
-    if tc.optimizer == "sgd":
-        return SGD(params, tc.lr, momentum=tc.momentum, nesterov=tc.nesterov, weight_decay=tc.weight_decay)
-    return AdamW(params, tc.lr, weight_decay=tc.weight_decay)
 
 
 def reseed_dropout(model, seed):
@@ -174,44 +128,6 @@ def read_back(*scalars):
     float() of a CuPy array is a transfer, and a wait for the GPU, of its own)."""
     xp = backend.get_array_module(*scalars)
     return [float(v) for v in backend.to_numpy(xp.stack(scalars))]
-
-
-def evaluate(model, loader, num_classes, progress=False, flip=False, size=None):
-    """(mean loss, accuracy, per-class accuracy (K,)) over one pass, in eval mode, no caches.
-    size: the images resized to size×size first (as the epoch's training images were).
-    flip: the logits are the mean of the image's and its left-right mirror's (test-time
-    augmentation; training flips too, so both are images the model has learnt to read).
-    Every sum stays on the device until one read-back at the end."""
-    model.eval()
-    criterion = nn.CrossEntropyLoss(check_labels=False)
-    xp = backend.xp()
-    classes = xp.arange(num_classes)
-    total_loss, bad = xp.zeros(()), xp.zeros(())
-    correct, seen = xp.zeros(num_classes), xp.zeros(num_classes)
-    batches = tqdm(loader.epoch(0), total=len(loader), desc="validation", leave=False, disable=not progress,
-                   delay=data.folders.PROGRESS_DELAY_S)
-    with nn.no_grad():
-        for x, y in batches:
-            if size is not None:
-                x = data.resize(x, size)
-            logits = model.forward(x)
-            if flip:
-                logits = (logits + model.forward(x[..., ::-1])) * 0.5
-            total_loss += criterion.forward(logits, y) * len(y)
-            bad += F.label_errors(y, num_classes)
-            # per-class counts as sums of a one-hot (B, K) mask: bincount would read the largest
-            # label back from the GPU twice a batch
-            onehot = y[:, None] == classes
-            hit = (logits.argmax(axis=1) == y)[:, None]
-            correct += (onehot & hit).sum(axis=0)
-            seen += onehot.sum(axis=0)
-    host = backend.to_numpy(xp.concatenate([correct, seen, xp.stack([total_loss, bad])]))
-    correct, seen, (total_loss, bad) = host[:num_classes], host[num_classes:-2], host[-2:]
-    if bad:
-        raise ValueError(f"{int(bad)} labels lie outside [0, {num_classes}): the labels must be "
-                         f"class indices of the model's {num_classes} classes")
-    n = float(seen.sum())
-    return float(total_loss) / n, float(correct.sum()) / n, correct / np.maximum(seen, 1)
 
 
 class Trainer:
@@ -256,68 +172,13 @@ class Trainer:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing, check_labels=False)
         self.start_epoch, self.best_acc, self.history = 0, -1.0, []
         if tc.minutes and not resuming:       # a resumed run keeps the epochs its plan fixed
-            self.tc = replace(tc, epochs=self.plan_epochs(tc.minutes * 60 - (time.perf_counter() - began)))
-
-    def plan_epochs(self, seconds):
-        """The most epochs that fit in `seconds` (--minutes). Each image size of the schedule
-        is timed on a throwaway model of the same configuration: PLAN_WARMUP warm-up steps
-        (the first steps at a new shape allocate their arrays), then the median of PLAN_STEPS
-        training steps, and an evaluation forward of one real batch. An epoch's time is
-        predicted as its steps plus its validation at its size; what is left of `seconds`
-        after the timing, less PLAN_RESERVE for what is not timed (checkpoints, curves), is
-        the budget. The run's own model and random streams are not touched, so the run then
-        is exactly the one `--epochs N` would give, and N is saved in its settings, so that
-        --resume continues the same plan."""
-        began = time.perf_counter()        # the planning's own seconds come out of the budget too
-        tc, native = self.tc, self.mc.image_size
-        sizes = sorted({side for side, _, _ in tc.resolution_plan(native, epochs=10**6)} | {native})
-        scratch = build_model(self.mc, seed=tc.seed + 1, dtype=self.dtype)
-        optimizer, criterion = make_optimizer(tc, scratch), nn.CrossEntropyLoss(check_labels=False)
-        x, y = next(iter(self.train_loader.epoch(0)))
-        val_images = len(self.val_loader.labels) if self.val_loader is not None else 0
-        epoch_s = {}
-        for size in sizes:
-            xs, times = data.resize(x, size), []
-            for _ in range(PLAN_WARMUP + PLAN_STEPS):
-                backend.synchronize()
-                start = time.perf_counter()
-                scratch.train().zero_grad()
-                criterion.forward(scratch.forward(xs), y)
-                scratch.backward(criterion.backward())
-                optimizer.step()
-                backend.synchronize()
-                times.append(time.perf_counter() - start)
-            with nn.no_grad():
-                scratch.eval().forward(xs)                                   # warm-up
-                backend.synchronize()
-                start = time.perf_counter()
-                scratch.forward(xs)
-                backend.synchronize()
-                forward_s = (time.perf_counter() - start) / len(y)          # per image
-            step_s = float(np.median(times[PLAN_WARMUP:]))
-            epoch_s[size] = (len(self.train_loader) * step_s
-                             + val_images * forward_s * (2 if tc.eval_flip else 1))
-
-        def predicted(n):              # seconds of n epochs under the schedule's plan for n
-            plan = tc.resolution_plan(native, epochs=n)
-            small = sum((end - start) * epoch_s[size] for size, start, end in plan)
-            return small + (n - (plan[-1][2] if plan else 0)) * epoch_s[native]
-        budget, n = (seconds - (time.perf_counter() - began)) * (1 - PLAN_RESERVE), 0
-        while n < MAX_PLANNED_EPOCHS and predicted(n + 1) <= budget:
-            n += 1
-        timings = ", ".join(f"{epoch_s[size]:.0f} s at {size}x{size}" for size in sizes)
-        if n == 0:
-            raise ValueError(f"--minutes {tc.minutes:g}: not one epoch fits ({timings} an epoch here, "
-                             f"after {tc.minutes * 60 - seconds:.0f} s of loading); give more minutes, "
-                             f"or fewer images with --limit-train")
-        self.log(f"--minutes {tc.minutes:g}: {n} epochs planned, predicted {predicted(n) / 60:.1f} minutes "
-                 f"({timings} an epoch, with validation; {PLAN_RESERVE:.0%} kept in reserve)")
-        return n
+            seconds = tc.minutes * 60 - (time.perf_counter() - began)
+            self.tc = replace(tc, epochs=plan_epochs(seconds, tc, self.mc, self.train_loader, self.val_loader,
+                                                     self.dtype, self.log, clock=time.perf_counter))
 
     def _init_from(self, path):
         """Start from the weights of a checkpoint or model file of the same architecture (a
         new run: its own optimiser state and schedule)."""
-        from .models import load
         source = load(path)
         if source.config != self.mc:
             diff = {k: (v, getattr(self.mc, k)) for k, v in asdict(source.config).items()
@@ -367,51 +228,61 @@ class Trainer:
         return size if size != self.mc.image_size else None
 
     def train_epoch(self, epoch):
-        tc, model, opt, crit = self.tc, self.model, self.optimizer, self.criterion
+        """One pass over the training images; -> the epoch's record (its image size, mean
+        training loss and accuracy, seconds, images per second, last learning rate)."""
+        tc, model, optimizer, criterion = self.tc, self.model, self.optimizer, self.criterion
         model.train()
         reseed_dropout(model, tc.seed * 1000 + epoch)
         steps = len(self.train_loader)
         total_steps, warmup = tc.epochs * steps, int(round(tc.warmup_epochs * steps))
+        size = tc.train_size(epoch, self.mc.image_size)
         xp = backend.xp()
-        K = self.mc.num_classes
         # running sums stay on the device: reading one back waits for the GPU, so they are read
         # together once per logging interval, not every step
         loss_sum, correct, bad, seen = xp.zeros(()), xp.zeros(()), xp.zeros(()), 0
-        size = tc.train_size(epoch, self.mc.image_size)
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs} at {size}x{size}",
                    disable=not self.progress, leave=False)
         start = time.perf_counter()
         for i, (x, y) in enumerate(self.train_loader.epoch(epoch, self._resize_to(size))):
-            opt.lr = cosine_lr(epoch * steps + i, total_steps, tc.lr, warmup, tc.min_lr)
+            optimizer.lr = schedules.cosine_lr(epoch * steps + i, total_steps, tc.lr, warmup, tc.min_lr)
             model.zero_grad()
-            logits = model.forward(x)
-            loss = crit.forward(logits, y)
-            model.backward(crit.backward())
+            logits = model.forward(x)                    # (B, K)
+            loss = criterion.forward(logits, y)          # scalar
+            model.backward(criterion.backward())         # fills every param.grad
             if tc.clip_grad:
                 clip_grad_norm(model.parameters(), tc.clip_grad)
-            opt.step()
+            optimizer.step()
+
             loss_sum += loss * len(y)
             correct += (logits.argmax(axis=1) == y).sum()
-            bad += F.label_errors(y, K)
+            bad += F.label_errors(y, self.mc.num_classes)
             seen += len(y)
             # the first step too: the bar shows the loss from its first update
             if i == 0 or i % self.log_every == self.log_every - 1 or i == steps - 1:
-                host_loss, host_correct, host_bad = read_back(loss_sum, correct, bad)
-                if host_bad:
-                    raise ValueError(f"{int(host_bad)} training labels of epoch {epoch + 1} (up to step "
-                                     f"{i + 1}) lie outside [0, {K}); the labels must be class indices")
-                mean_loss = host_loss / seen
-                if not math.isfinite(mean_loss):
-                    raise DivergedError(f"loss became {mean_loss} in epoch {epoch + 1}, step {i + 1}; the last "
-                                        f"good checkpoint is {self.out / 'last.npz'} (try a lower --lr)")
-                bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{host_correct / seen:.3f}",
+                train_loss, train_acc = self._read_progress(epoch, i, loss_sum, correct, bad, seen)
+                bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}",
                                 img_s=f"{seen / (time.perf_counter() - start):.0f}")
             bar.update(1)
         backend.synchronize()
         bar.close()
         seconds = time.perf_counter() - start
-        return {"image_size": size, "train_loss": host_loss / seen, "train_acc": host_correct / seen,
-                "seconds": seconds, "images_per_s": seen / seconds, "lr": opt.lr}
+        return {"image_size": size, "train_loss": train_loss, "train_acc": train_acc,
+                "seconds": seconds, "images_per_s": seen / seconds, "lr": optimizer.lr}
+
+    def _read_progress(self, epoch, step, loss_sum, correct, bad, seen):
+        """(mean loss, accuracy) of the epoch's first `seen` images, from the device's running
+        sums in one read-back; a label outside the classes or a loss that is not finite stops
+        the run here."""
+        host_loss, host_correct, host_bad = read_back(loss_sum, correct, bad)
+        K = self.mc.num_classes
+        if host_bad:
+            raise ValueError(f"{int(host_bad)} training labels of epoch {epoch + 1} (up to step "
+                             f"{step + 1}) lie outside [0, {K}); the labels must be class indices")
+        mean_loss = host_loss / seen
+        if not math.isfinite(mean_loss):
+            raise DivergedError(f"loss became {mean_loss} in epoch {epoch + 1}, step {step + 1}; the last "
+                                f"good checkpoint is {self.out / 'last.npz'} (try a lower --lr)")
+        return mean_loss, host_correct / seen
 
     def fit(self):
         self.out.mkdir(parents=True, exist_ok=True)
@@ -437,87 +308,3 @@ class Trainer:
             plot_curves(self.history, self.out / "curves.png")
             self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         return self.history
-
-
-def is_training_data(images, labels, meta):
-    """Whether these are the images the run was trained on (its training images and held-out
-    split both): by the fingerprint its checkpoint keeps, or for an older checkpoint without
-    one, by their number."""
-    if "data_fingerprint" in meta:
-        return data.fingerprint(images, labels) == meta["data_fingerprint"]
-    return len(labels) == meta["num_images"]
-
-
-def held_out(images, labels, meta, data_path):
-    """The run's validation images and labels, (V, 3, H, W) and (V,), re-created from the
-    checkpoint metadata `meta` (the split's size and seed) on the data it was trained on."""
-    if not is_training_data(images, labels, meta):
-        raise ValueError(f"--split val needs the data the run was trained on ({meta['num_images']} images), "
-                         f"but {data_path} holds other images ({len(labels)}); leave --split out (or "
-                         f"give --split all) to score all of them")
-    tc = meta["train_config"]
-    _, idx = data.split_indices(len(labels), tc["val_size"], tc["seed"])
-    return images[idx], labels[idx]
-
-
-def evaluate_checkpoint(path, data_path, split=None, batch_size=500, cache_dir=None, progress=False, flip=None):
-    """(loss, accuracy, per-class accuracy, class names, images evaluated, split) of the
-    checkpoint at path on data_path. split 'val' re-creates the run's held-out split (the same
-    data, seed and size it was trained with), 'all' uses every image, 'test' the official
-    archive's test batch (other data has none: refused). None: 'val' on the run's own training
-    data, 'all' on any other. flip: score each image with its mirror; None: as the run's
-    validation did (TrainConfig.eval_flip)."""
-    from .models import from_checkpoint
-    model_state, _, meta = load_checkpoint(path)
-    tc = TrainConfig.from_saved(meta["train_config"])
-    if split == "test" and Path(data_path).exists() and not data.has_test_split(data_path):
-        raise data.DataError(f"--split test: {data_path} has no test split (only 'cifar10' and the official "
-                             f"archive cifar-10-python.tar.gz have one); --split all scores every image of it")
-    images, labels, classes = data.load_dataset(data_path, split="test" if split == "test" else "train",
-                                                cache_dir=cache_dir, progress=progress)
-    if list(classes) != meta["classes"]:
-        raise CheckpointError(f"{path} was trained on classes {meta['classes']}, but {data_path} has {list(classes)}")
-    if split is None:
-        split = "val" if is_training_data(images, labels, meta) else "all"
-    if split == "val":
-        images, labels = held_out(images, labels, meta, data_path)
-    model = from_checkpoint(model_state, meta, path, np.dtype(tc.dtype))
-    norm = meta["normalization"]
-    loader = data.Loader(images, labels, batch_size, norm["mean"], norm["std"], dtype=np.dtype(tc.dtype))
-    flip = tc.eval_flip if flip is None else flip          # by default as the run validated
-    loss, acc, per_class = evaluate(model, loader, len(classes), progress, flip=flip)
-    return loss, acc, per_class, list(classes), len(labels), split
-
-
-def plot_curves(history, path):
-    """Loss and accuracy per epoch (train and validation) to a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    b.plot(ep, [h["train_acc"] for h in history], "o-", label="train")
-    if "val_loss" in history[0]:
-        a.plot(ep, [h["val_loss"] for h in history], "o-", label="validation")
-        b.plot(ep, [h["val_acc"] for h in history], "o-", label="validation")
-    a.set(xlabel="epoch", ylabel="loss", title="loss")
-    b.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    sizes = [h.get("image_size") for h in history]
-    # progressive resizing: where the image size changes, a dashed line and the new size
-    starts = [i for i, size in enumerate(sizes) if size is not None and (i == 0 or size != sizes[i - 1])]
-    for ax in (a, b):
-        ax.grid(alpha=0.3)
-        if len(starts) > 1:
-            for i in starts:
-                if i:
-                    ax.axvline(ep[i] - 0.5, color="gray", linestyle="--", linewidth=0.8)
-                ax.text(ep[i] - 0.4, 0.02, f"{sizes[i]}×{sizes[i]}", transform=ax.get_xaxis_transform(),
-                        fontsize=8, color="gray")
-        ax.legend()
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)

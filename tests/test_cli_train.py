@@ -97,7 +97,7 @@ def parse_eval(out):
 
 def direct_accuracy(ckpt, folder):
     """(accuracy, per-class accuracy (K,)) of a checkpoint on every image of folder, from one
-    float64 forward pass written here rather than minicvt.train.evaluate."""
+    float64 forward pass written here rather than minicvt.evaluation.evaluate."""
     state, _, meta = load_checkpoint(ckpt)
     model = build_model(CvTConfig.from_json(json.dumps(meta["model_config"])), dtype=np.float64)
     model.load_state_dict(state)

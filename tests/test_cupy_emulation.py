@@ -280,7 +280,7 @@ def test_the_trainer_reads_back_once_per_logging_interval(emulated_cupy, tmp_pat
     accuracy and the bad-label count in one transfer each time); evaluation once at the end,
     however many batches."""
     from test_train import make_trainer, tiny_run, write_image_folder
-    from minicvt.train import evaluate
+    from minicvt.evaluation import evaluate
     folder = write_image_folder(tmp_path / "images")
     trainer = make_trainer(tiny_run(folder, epochs=1, eval_batch_size=4), tmp_path / "run")
     trainer.log_every = 2

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from minicvt import backend, nn
-from minicvt.optim import SGD, AdamW, clip_grad_norm, cosine_lr, decays
+from minicvt.optim import SGD, AdamW, clip_grad_norm, decays
+from minicvt.schedules import cosine_lr
 
 
 def _params(xp):

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from cvt_tiny import tiny_config
-from minicvt import backend, cli, data, nn, train
+from minicvt import backend, cli, data, nn, planner, schedules, train
 from minicvt.checkpoint import load_checkpoint, save_checkpoint
+from minicvt.evaluation import evaluate
 from minicvt.models import CvTConfig, build_model
-from minicvt.train import TrainConfig, evaluate
+from minicvt.train import TrainConfig
 from test_train import _assert_same_state, folder, make_trainer, tiny_run, untimed  # noqa: F401  (a fixture)
 
 
@@ -80,6 +81,33 @@ def test_resolution_plan_splits_the_epochs_by_fraction():
     assert [TrainConfig(epochs=1).train_size(0, 32)] == [32]
     with pytest.raises(ValueError, match="40x40 is larger than the 32x32 images"):
         TrainConfig(resolutions="40:0.5").resolution_plan(32)
+
+
+def test_a_size_below_1_is_a_fraction_of_the_side_and_from_1_on_pixels():
+    """The rule `--help` states: SIZE below 1 is a fraction of the image side, SIZE of 1 or more
+    is pixels, a whole number however it is written (16 and 16.0 alike), and at least 4."""
+    assert schedules.parse_resolutions("16.0:0.5") == schedules.parse_resolutions("16:0.5") == [(16, 0.5)]
+    assert schedules.parse_resolutions("0.5:0.5") == [(0.5, 0.5)]
+    assert schedules.parse_resolutions("0.5:0.5,24.0:0.25") == [(0.5, 0.5), (24, 0.25)]
+    for text in ("16.0:0.5", "16:0.5", "0.5:0.5"):
+        assert schedules.resolution_plan(text, 32, 4) == [(16, 0, 2)], text
+    # the default is unchanged: 16x16 for half the epochs, 24x24 for a quarter
+    assert schedules.resolution_plan(TrainConfig.resolutions, 32, 24) == [(16, 0, 12), (24, 12, 18)]
+    for bad in ("16.5:0.5", "1:0.5", "1.0:0.5", "3:0.5", "0:0.5", "-0.5:0.5", "nan:0.5", "inf:0.5"):
+        with pytest.raises(ValueError, match=r"SIZE is a fraction of the image side \(above 0, below 1\) or, "
+                                             r"from 1 on, pixels: a whole number of at least 4"):
+            schedules.parse_resolutions(bad)
+    for bad in ("16", "16:0.5:1", "half:0.5", "16:0", "16:1.5"):
+        with pytest.raises(ValueError, match="resolutions: "):
+            schedules.parse_resolutions(bad)
+
+
+def test_a_refused_resolution_is_one_line_before_any_data_is_read(tmp_path, capsys):
+    code = cli.main(["train", "--data", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "run"),
+                     "--resolutions", "16.5:0.5", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "'16.5:0.5'" in err and "a whole number of at least 4" in err
 
 
 def test_loader_resizes_after_augmenting_at_full_size():
@@ -167,12 +195,13 @@ def test_checkpoints_from_before_the_recipe_keep_their_behaviour(folder, tmp_pat
 # the planner's own time on the fake clock, which it takes from the budget: its first reading,
 # then per image size (8 and 16 here) two readings a training step and two for the forward,
 # then the reading that sets the budget: 25 intervals of 0.1 s
-PLANNING_S = (2 * (2 * (train.PLAN_WARMUP + train.PLAN_STEPS) + 2) + 1) * 0.1
+PLANNING_S = (2 * (2 * (planner.PLAN_WARMUP + planner.PLAN_STEPS) + 2) + 1) * 0.1
 
 
 class FakeClock:
-    """Stands in for the time module in minicvt.train: every perf_counter() call is `tick`
-    seconds after the one before, so every interval the planner times is one tick."""
+    """Stands in for the time module in minicvt.train (and its perf_counter for the planner's
+    clock): every perf_counter() call is `tick` seconds after the one before, so every interval
+    the planner times is one tick."""
     def __init__(self, tick):
         self.now, self.tick = 0.0, tick
 
@@ -184,15 +213,19 @@ class FakeClock:
 def test_minutes_plans_as_many_epochs_as_its_timings_allow(folder, tmp_path, monkeypatch):  # noqa: F811
     tc = tiny_run(folder, epochs=99, resolutions="8:0.5", eval_flip=True)
     trainer = make_trainer(tc, tmp_path)
-    monkeypatch.setattr(train, "time", FakeClock(0.1))
+    clock = FakeClock(0.1)
+
+    def plan(seconds):
+        return planner.plan_epochs(seconds, tc, trainer.mc, trainer.train_loader, trainer.val_loader,
+                                   trainer.dtype, log=lambda *a: None, clock=clock.perf_counter)
     # each timed step and forward lasts 0.1 s on the fake clock: an epoch is 4 steps (0.4 s)
     # plus 12 validation images, twice (flips), at 0.1 s per forward of a batch of 8: 0.3 s
     epoch_s = 4 * 0.1 + 12 * 2 * 0.1 / 8
     for n in (1, 2, 7):
-        seconds = PLANNING_S + (n + 0.5) * epoch_s / (1 - train.PLAN_RESERVE)
-        assert trainer.plan_epochs(seconds) == n
+        seconds = PLANNING_S + (n + 0.5) * epoch_s / (1 - planner.PLAN_RESERVE)
+        assert plan(seconds) == n
     with pytest.raises(ValueError, match=r"not one epoch fits \(1 s at 8x8, 1 s at 16x16 an epoch here"):
-        trainer.plan_epochs(0.5 * epoch_s)
+        plan(0.5 * epoch_s)
 
 
 def test_a_minutes_run_is_the_run_of_the_epochs_it_planned(folder, tmp_path, monkeypatch):  # noqa: F811
@@ -201,7 +234,7 @@ def test_a_minutes_run_is_the_run_of_the_epochs_it_planned(folder, tmp_path, mon
     epoch_s = 4 * 0.1 + 12 * 2 * 0.1 / 8
     # loading the data takes one interval on the fake clock, the planning PLANNING_S: budget 3.5
     # epochs after them
-    minutes = (0.1 + PLANNING_S + 3.5 * epoch_s / (1 - train.PLAN_RESERVE)) / 60
+    minutes = (0.1 + PLANNING_S + 3.5 * epoch_s / (1 - planner.PLAN_RESERVE)) / 60
     planned = make_trainer(tiny_run(folder, epochs=1, resolutions="8:0.5", eval_flip=True, minutes=minutes,
                                     augment=True), tmp_path / "a")
     assert planned.tc.epochs == 3 and planned.tc.minutes == minutes
@@ -223,7 +256,7 @@ def test_minutes_and_epochs_together_are_refused(folder, tmp_path, capsys):  # n
 
 def test_a_resumed_minutes_run_keeps_its_plan(folder, tmp_path, monkeypatch):  # noqa: F811
     """--resume of a --minutes run takes the epochs its checkpoint saved; it plans nothing."""
-    monkeypatch.setattr(train.Trainer, "plan_epochs", lambda self, seconds: pytest.fail("planned again"))
+    monkeypatch.setattr(train, "plan_epochs", lambda *args, **kwargs: pytest.fail("planned again"))
     tc = tiny_run(folder, epochs=7, minutes=30.0)
     resumed = train.Trainer(tc, tmp_path, model_config=tiny_config(), progress=False, log=lambda *a: None,
                             resuming=True)

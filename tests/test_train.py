@@ -13,7 +13,8 @@ from cvt_tiny import tiny_config
 from minicvt import backend, data, nn
 from minicvt.checkpoint import CheckpointError, load_checkpoint
 from minicvt.models import build_model
-from minicvt.train import DivergedError, TrainConfig, Trainer, evaluate
+from minicvt.evaluation import evaluate
+from minicvt.train import DivergedError, TrainConfig, Trainer
 
 CLASSES = ["blue", "green", "red"]           # sorted, as the folder loader orders classes
 PER_CLASS, SIZE = 16, 16
@@ -211,8 +212,9 @@ def test_evaluate_matches_a_direct_forward_pass(folder, xp):
     ("weight_decay", -1e-4, "weight_decay must be >= 0"), ("warmup_epochs", -1, "warmup_epochs must be >= 0"),
     ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\)"), ("limit_train", -5, "limit_train must be >= 0"),
     ("resolutions", "16", "'16' is not SIZE:FRACTION"), ("resolutions", "16:a", "'16:a' is not SIZE:FRACTION"),
-    ("resolutions", "2:0.5", "a size in pixels >= 4 or a fraction"), ("resolutions", "16:0", "a size in pixels"),
-    ("resolutions", "1.5:0.5", "a fraction of the side in"),
+    ("resolutions", "2:0.5", "pixels: a whole number of at least 4"),
+    ("resolutions", "16:0", "needs a fraction of the epochs in"),
+    ("resolutions", "1.5:0.5", "a fraction of the image side .above 0, below 1. or, from 1 on, pixels"),
     ("resolutions", "16:0.6,24:0.5", "add up to more than 1"),
 ])
 def test_train_config_refuses_settings_that_make_no_sense(field, value, message):

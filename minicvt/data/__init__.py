@@ -1,20 +1,19 @@
-"""Data: the official CIFAR-10 archive, image folders, and the batch pipeline.
+"""Data: the official CIFAR-10 archive, image folders, the held-out split and the batch
+pipeline.
 
     images, labels, classes = load_dataset("cifar10")            # download into the cache
     images, labels, classes = load_dataset("path/to/cifar-10-python.tar.gz")
     images, labels, classes = load_dataset("path/to/train.tar.xz")  # ROOT/<class>/*.jpg
+    train_idx, val_idx = split_indices(len(labels), val_size=5000, seed=0)
 """
-import hashlib
 import tarfile
 from pathlib import Path
-
-import numpy as np
 
 from .cifar10 import CIFAR10_MD5, CIFAR10_URL, CLASSES, fetch_cifar10, load_cifar10_archive
 from .download import DataError, default_cache_dir, download, md5sum, verified
 from .folders import load_image_files, load_image_folder
-from .pipeline import (Loader, channel_stats, normalize, random_crop, random_hflip, resize,
-                       resize_matrix, split_indices)
+from .pipeline import Loader, channel_stats, normalize, random_crop, random_hflip, resize, resize_matrix
+from .split import fingerprint, held_out, is_training_data, split_indices
 
 
 def load_dataset(data, split="train", cache_dir=None, progress=True):
@@ -48,16 +47,6 @@ def has_test_split(data):
     """Whether `data` has a test split of its own: 'cifar10' and the official archive do (its
     test batch); an image folder is one set of images."""
     return str(data) == "cifar10" or _is_official_archive(Path(data))
-
-
-def fingerprint(images, labels):
-    """A short hash that tells one dataset from another: its shape, every label, and a sample
-    of the images (64 of them, evenly spaced). A checkpoint keeps the one of its training data."""
-    step = max(1, len(images) // 64)
-    h = hashlib.sha256(repr((images.shape, str(images.dtype))).encode())
-    h.update(np.ascontiguousarray(labels).tobytes())
-    h.update(np.ascontiguousarray(images[::step]).tobytes())
-    return h.hexdigest()[:16]
 
 
 def _is_official_archive(path):

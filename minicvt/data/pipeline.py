@@ -1,4 +1,4 @@
-"""From uint8 images to training batches: split, normalise, augment, iterate.
+"""From uint8 images to training batches: normalise, augment, resize, iterate.
 
 Shapes: images (N, 3, H, W) uint8, labels (N,) int64; a batch x (B, 3, H, W) float, y (B,).
 The whole uint8 set is moved to the backend once; batches are gathered, converted and
@@ -10,14 +10,6 @@ import numpy as np
 
 from .. import backend
 from ..backend import get_array_module
-
-
-def split_indices(n, val_size, seed=0):
-    """Deterministic train/validation split: (train_idx, val_idx), sorted, disjoint."""
-    if not 0 <= val_size < n:
-        raise ValueError(f"validation size must be in [0, {n}), got {val_size}")
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
 def channel_stats(images):

@@ -10,4 +10,4 @@ from .cvt import ConvolutionalVisionTransformer, VisionTransformer, build_model
 from .embed import ConvEmbed
 from .io import export_state_dict, from_checkpoint, import_state_dict, load, load_weights, save
 from .pretrained import PretrainedError, export_hf_state_dict, from_pretrained, prepare_images
-from .summary import count_parameters, format_summary, stage_rows
+from .summary import count_parameters, format_summary, stage_grids, stage_rows

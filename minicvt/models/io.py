@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from ..checkpoint import atomic_savez
+from ..checkpoint import CheckpointError, atomic_savez, load_checkpoint
 from .configs import CvTConfig
 from .cvt import ConvolutionalVisionTransformer
 
@@ -41,7 +41,6 @@ def load(path, dtype=None):
       mean and std on the 0..1 scale, what its inputs were normalised with) come from the run;
     - a model file written by `save`, in its saved dtype (`classes` and `normalization` None).
     dtype replaces the file's."""
-    from ..checkpoint import CheckpointError, load_checkpoint
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
@@ -67,7 +66,6 @@ def load(path, dtype=None):
 def from_checkpoint(state, meta, path, dtype=None):
     """The model of a loaded `minicvt train` checkpoint (load_checkpoint's state and meta), in
     eval mode, with `classes` and `normalization` from its metadata."""
-    from ..checkpoint import CheckpointError
     if "model_config" not in meta:
         raise CheckpointError(f"{path} has no model_config in its metadata (not written by `minicvt train`)")
     cfg = CvTConfig.from_json(json.dumps(meta["model_config"]))
@@ -78,7 +76,6 @@ def from_checkpoint(state, meta, path, dtype=None):
 
 
 def _build(cfg, state, dtype, path):
-    from ..checkpoint import CheckpointError
     model = ConvolutionalVisionTransformer(cfg, dtype=dtype, seed=0)
     try:
         model.load_state_dict(state)

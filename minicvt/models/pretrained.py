@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .configs import CvTConfig
+from .. import backend, data
+from .configs import CVT_13, CvTConfig
 from .cvt import ConvolutionalVisionTransformer
 
 
@@ -95,13 +96,9 @@ def config_from_hf(hf, name="pretrained", image_size=224):
     field, what transformers' own model would not run or minicvt cannot represent."""
     if hf.get("model_type") != "cvt":
         raise PretrainedError(f"model_type is {hf.get('model_type')!r}, not 'cvt': not a CvT")
-    defaults = dict(zip(_FIELDS, [(7, 3, 3), (4, 2, 2), (2, 1, 1), (64, 192, 384), (1, 3, 6), (1, 2, 10),
-                                  (4.0,) * 3, (True,) * 3, (0.0,) * 3, (0.0,) * 3, (0.0, 0.0, 0.1),
-                                  (False, False, True), ("dw_bn",) * 3, (3,) * 3, (1,) * 3, (2,) * 3,
-                                  (1,) * 3, (1,) * 3]))
     stages = {}
     for theirs, ours in _FIELDS.items():
-        value = hf.get(theirs, defaults[theirs])
+        value = hf.get(theirs, getattr(CVT_13, ours))       # transformers' defaults are CvT-13's
         if not isinstance(value, (list, tuple)):
             raise PretrainedError(f"config.json: {theirs} must list one value per stage, got {value!r}")
         stages[ours] = tuple(value)
@@ -221,7 +218,6 @@ def from_pretrained(path, dtype=np.float32):
 
 def export_hf_state_dict(model):
     """{transformers name: NumPy array}: loads into transformers' CvtForImageClassification."""
-    from .. import backend
     return {hf_name(k): backend.to_numpy(v).copy() for k, v in model.state_dict().items()}
 
 
@@ -230,9 +226,8 @@ def prepare_images(paths, preprocessing):
     processor prepares them: below 384 pixels the shorter side resized to S / crop_pct (bicubic)
     and the central S x S cropped, from 384 on resized to S x S; then scaled to 0..1 and
     normalised with the mean and std. `shown` is the crop, for drawing."""
-    from PIL import Image
+    from PIL import Image          # imported where it is used, as data.folders does: a slow import
 
-    from .. import data
     S = preprocessing["size"]
 
     def fit(im):

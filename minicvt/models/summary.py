@@ -1,5 +1,6 @@
 """Model summary from a config alone: per stage the token grid, the squeezed key/value grid,
-channels, parameters and multiply-accumulates (MACs) for one image.
+channels, parameters and multiply-accumulates (MACs) for one image. `stage_grids` is the one
+place the grids are computed; the attention pictures (minicvt.viz) take theirs from it too.
 
 Nothing is allocated, so even CvT-W24 (277M parameters) is summarised instantly; the tests
 check these numbers against the built model and against PyTorch.
@@ -9,45 +10,60 @@ are buffers and are not counted (the convention that gives the paper's 20.0M for
 MACs count the convolutions, the linear layers and the two attention products
 (q k^T and p v, Tq * Tk * C each); norms, softmax, activations and pooling are not counted.
 """
+import numpy as np
+
+from ..functional import conv_output_size, pool_output_size
 from .configs import get_config
 
 
-def _conv_out(size, kernel, stride, padding):
-    return (size + 2 * padding - kernel) // stride + 1
+def image_shape(image_size):
+    """(H, W) from an int (a square image) or a pair."""
+    H, W = (image_size, image_size) if np.isscalar(image_size) else image_size
+    return int(H), int(W)
 
 
-def _pool_out(size, kernel, stride, padding):
-    """AvgPool2d with ceil_mode=True (the 'avg' projection), PyTorch's rule."""
-    out = -(-(size + 2 * padding - kernel) // stride) + 1
-    return out - 1 if (out - 1) * stride >= size + padding else out
-
-
-def _projected(size, kernel, stride, padding, method, role):
-    """Grid side after the q (role 'q') or k/v projection."""
-    if method == "linear" or (method == "avg" and role == "q"):
+def _projected(method, kernel, stride, padding, size):
+    """Cells along a `size`-cell axis after one q/k/v projection. 'linear' is no projection;
+    'avg' pools with PyTorch's ceil_mode rule (so an even grid keeps a last, partly padded
+    window: 8 -> 5 with kernel 3, stride 2, padding 1); 'dw_bn' is a convolution (8 -> 4)."""
+    if method == "linear":
         return size
     if method == "avg":
-        return _pool_out(size, kernel, stride, padding)
-    return _conv_out(size, kernel, stride, padding)
+        return pool_output_size(size, kernel, stride, padding, ceil_mode=True)
+    return conv_output_size(size, kernel, stride, padding)
+
+
+def stage_grids(cfg, image_size=None):
+    """[(grid, query_grid, key_grid)] for every stage of `cfg` on an image of `image_size` (an
+    int for a square image, or (H, W); default cfg.image_size), each grid (rows, cols): grid
+    the stage's tokens, made from the previous grid (or the image) by its ConvEmbed, and the
+    grids of q and of k, v made from it by the projections (class tokens not counted). Under
+    'avg' the queries are not pooled (the official code builds them 'linear'), so their grid
+    is the stage's grid. The two axes are computed separately."""
+    image = size = image_shape(image_size or cfg.image_size)
+    grids = []
+    for i in range(cfg.num_stages):
+        size = tuple(conv_output_size(n, cfg.patch_size[i], cfg.patch_stride[i], cfg.patch_padding[i])
+                     for n in size)
+        method, k = cfg.qkv_proj_method[i], cfg.kernel_qkv[i]
+        q = tuple(_projected("linear" if method == "avg" else method, k, cfg.stride_q[i], cfg.padding_q[i], n)
+                  for n in size)
+        kv = tuple(_projected(method, k, cfg.stride_kv[i], cfg.padding_kv[i], n) for n in size)
+        if min(size + q + kv) < 1:
+            raise ValueError(f"stage {i}: a {image} image leaves no tokens")
+        grids.append((size, q, kv))
+    return grids
 
 
 def stage_rows(cfg, image_size=None):
     """One dict per stage, then one for the head: name, grid, kv_grid, channels, depth, heads,
-    params, macs. image_size defaults to cfg.image_size (square images)."""
-    H = W = image_size or cfg.image_size
+    params, macs. image_size: as for stage_grids."""
     cin, rows = cfg.in_chans, []
-    for i in range(cfg.num_stages):
-        C, k, s, p = cfg.dim_embed[i], cfg.patch_size[i], cfg.patch_stride[i], cfg.patch_padding[i]
-        H, W = _conv_out(H, k, s, p), _conv_out(W, k, s, p)
-        if H < 1 or W < 1:
-            raise ValueError(f"stage {i}: the {k}x{k} embedding does not fit the input")
+    for i, ((H, W), (Hq, Wq), (Hk, Wk)) in enumerate(stage_grids(cfg, image_size)):
+        C, k = cfg.dim_embed[i], cfg.patch_size[i]
         params = cin * C * k * k + C + 2 * C + (C if cfg.cls_token[i] else 0)
         macs = H * W * C * cin * k * k
         method, kq = cfg.qkv_proj_method[i], cfg.kernel_qkv[i]
-        Hq = _projected(H, kq, cfg.stride_q[i], cfg.padding_q[i], method, "q")
-        Wq = _projected(W, kq, cfg.stride_q[i], cfg.padding_q[i], method, "q")
-        Hk = _projected(H, kq, cfg.stride_kv[i], cfg.padding_kv[i], method, "kv")
-        Wk = _projected(W, kq, cfg.stride_kv[i], cfg.padding_kv[i], method, "kv")
         extra = 1 if cfg.cls_token[i] else 0
         T, Tq, Tk = H * W + extra, Hq * Wq + extra, Hk * Wk + extra
         hidden = int(C * cfg.mlp_ratio[i])

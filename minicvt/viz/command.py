@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import backend, data
 from ..checkpoint import CheckpointError, load_checkpoint
-from ..models import from_checkpoint
+from ..models import from_checkpoint, from_pretrained, prepare_images
 from .figures import plot_cls_attention, plot_grid, plot_query_attention, plot_rollout
 from .maps import capture_attention, rollout
 
@@ -68,12 +68,10 @@ def _select(data_path, split, index, kind, meta, cache_dir=None):
     """(images, labels, class names, names) of the chosen dataset images; by default the first
     eight (grid, rollout) or the first one (query, cls). split 'val' takes them from the run's
     held-out images (indices count within that split), 'test' from the official test batch."""
-    from ..train import held_out
-
     images, labels, classes = data.load_dataset(data_path, split="test" if split == "test" else "train",
                                                 cache_dir=cache_dir)
     if split == "val":
-        images, labels = held_out(images, labels, meta, data_path)
+        images, labels = data.held_out(images, labels, meta, data_path)
     n = len(labels)
     if index is None:
         index = list(range(min(n, 8 if kind in ("grid", "rollout") else 1)))
@@ -118,7 +116,6 @@ def attention_figures(checkpoint, out, kind="grid", data_path=None, split="test"
     if (data_path is None) == (image_files is None):
         raise ValueError("give either --data (with --index) or --images, not both and not neither")
     if pretrained is not None:
-        from ..models import from_pretrained, prepare_images
         model = from_pretrained(pretrained)
         config, names, meta = model.config, model.classes, None
     else:

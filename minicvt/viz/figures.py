@@ -1,5 +1,5 @@
 """Pictures of attention, drawn with matplotlib (Agg) and written as PNGs atomically (a
-temporary name, then a rename, as `minicvt.train.plot_curves` does).
+temporary name, then a rename, as `curves.plot_curves` does).
 
 Images are uint8 (3, H, W) (the datasets' layout); `maps` come from `capture_attention` for a
 batch and `index` picks the image in it. Every map is copied up to the image's size by

@@ -20,19 +20,15 @@ It is an approximation both ways: a kernel-3, stride-2, padding-1 cell reads the
 overlapping windows would count every odd cell twice and paint a checkerboard over every map
 (docs/attention_maps.md).
 
-Grids are square in every config (one kernel, stride and padding per stage), but the two axes
-are computed separately, so non-square images work too. Everything is host NumPy.
+The grids themselves are computed in one place, `models.stage_grids` (the model summary uses
+them too). Grids are square in every config (one kernel, stride and padding per stage), but the
+two axes are computed separately, so non-square images work too. Everything is host NumPy.
 """
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..functional.pool import pool_output_size
-
-
-def conv_output_size(n, kernel, stride, padding):
-    """Cells along one axis after a convolution: (n + 2 padding - kernel) // stride + 1."""
-    return (n + 2 * padding - kernel) // stride + 1
+from ..models.summary import image_shape, stage_grids
 
 
 @dataclass(frozen=True)
@@ -56,41 +52,11 @@ class StageGeometry:
                 c + self.key_grid[0] * self.key_grid[1])
 
 
-def _projected(method, kernel, stride, padding, size):
-    """Cells along a `size`-cell axis after one q/k/v projection. 'linear' is no projection;
-    'avg' pools with PyTorch's ceil_mode rule (so an even grid keeps a last, partly padded
-    window: 8 -> 5 with kernel 3, stride 2, padding 1); 'dw_bn' is a convolution (8 -> 4)."""
-    if method == "linear":
-        return size
-    if method == "avg":
-        return pool_output_size(size, kernel, stride, padding, ceil_mode=True)
-    return conv_output_size(size, kernel, stride, padding)
-
-
-def image_shape(image_size):
-    """(H, W) from an int (a square image) or a pair."""
-    H, W = (image_size, image_size) if np.isscalar(image_size) else image_size
-    return int(H), int(W)
-
-
 def stage_geometry(config, image_size):
     """[StageGeometry] for every stage of `config` (a CvTConfig) on an image of `image_size`
-    (an int for a square image, or (H, W)). Under 'avg' the queries are not pooled (the
-    official code builds them 'linear'), so their grid is the stage's grid."""
-    size = image_shape(image_size)
-    out = []
-    for i in range(config.num_stages):
-        size = tuple(conv_output_size(n, config.patch_size[i], config.patch_stride[i],
-                                      config.patch_padding[i]) for n in size)
-        method, k = config.qkv_proj_method[i], config.kernel_qkv[i]
-        q = tuple(_projected("linear" if method == "avg" else method, k, config.stride_q[i],
-                             config.padding_q[i], n) for n in size)
-        kv = tuple(_projected(method, k, config.stride_kv[i], config.padding_kv[i], n) for n in size)
-        if min(size + q + kv) < 1:
-            raise ValueError(f"stage {i}: a {image_shape(image_size)} image leaves no tokens")
-        out.append(StageGeometry(i, bool(config.cls_token[i]), config.num_heads[i], config.depth[i],
-                                 size, q, kv))
-    return out
+    (an int for a square image, or (H, W)); the grids are models.stage_grids'."""
+    return [StageGeometry(i, bool(config.cls_token[i]), config.num_heads[i], config.depth[i], grid, q, kv)
+            for i, (grid, q, kv) in enumerate(stage_grids(config, image_size))]
 
 
 def box_index(n_fine, n_coarse):
