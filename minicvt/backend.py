@@ -185,6 +185,13 @@ def sum_of_products(spec, a, b):
     return np.einsum(spec, a, b)
 
 
+def read_back(*scalars):
+    """Several 0-d device arrays as Python floats, in one device-to-host transfer (each float()
+    of a CuPy array is a transfer, and a wait for the GPU, of its own)."""
+    module = get_array_module(*scalars)
+    return [float(v) for v in to_numpy(module.stack(scalars))]
+
+
 def host_rng(seed):
     """Seeded NumPy generator for initial weights: same numbers on every backend."""
     return np.random.default_rng(seed)

@@ -19,18 +19,22 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backend, gradcheck
+from . import backend, gradcheck, kernels
 
 # Each command imports what only it uses inside its function, so that the others start without
 # loading it (no import cycle requires this).
 
 
 def cmd_check(args):
-    """Run a float64 gradient check of every layer on the chosen backend and print the errors."""
+    """Run a float64 gradient check of every layer on the chosen backend, with each set of
+    kernels asked for (minicvt.kernels), and print the errors."""
     backend.set_backend(args.backend)
-    print(f"float64 gradient checks on backend {args.backend!r} (five-point differences; "
-          f"pass below {gradcheck.TOL:g})")
-    failed = gradcheck.run_checks(seed=args.seed)
+    failed = 0
+    for kernel_set in kernels.NAMES if args.kernels == "both" else (args.kernels,):
+        print(f"float64 gradient checks on backend {args.backend!r}, kernels {kernel_set!r} "
+              f"(five-point differences; pass below {gradcheck.TOL:g})")
+        with kernels.use(kernel_set):
+            failed += gradcheck.run_checks(seed=args.seed)
     print("all gradients agree" if not failed else f"{failed} layer(s) FAILED")
     return 1 if failed else 0
 
@@ -162,6 +166,9 @@ def build_parser():
     p = sub.add_parser("check", help="prove every layer's gradients against finite differences")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=None, help=BACKEND_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed of the random test inputs (default 0)")
+    p.add_argument("--kernels", choices=["both", *kernels.NAMES], default="both",
+                   help="check the reference layer functions (minicvt.functional), the fast ones "
+                        "(minicvt.fast), or both in turn (default)")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("summary", help="per-stage shapes, parameters and MACs of a named config")
     p.add_argument("--config", required=True, help=f"one of: {configs}")

@@ -13,8 +13,9 @@ epoch (schedules.py: cosine with warm-up, progressive resizing), running sums of
 back from the device once per logging interval, a stop on a NaN loss or a bad label, and after
 every epoch an evaluation (evaluation.py), metrics appended to metrics.jsonl, curves drawn to
 curves.png (viz/curves.py), and an atomic checkpoint (last.npz, and best.npz when validation
-accuracy improves) from which `resume` continues exactly: the data order, augmentation and
-dropout masks of epoch e depend only on (seed, e). `--minutes` plans the number of epochs
+accuracy improves) from which `resume` continues exactly: the data order of epoch e depends
+only on (seed, e), and the augmentation and dropout masks of its step i only on (seed, e, i)
+(backend.BackendRNG's keyed streams). `--minutes` plans the number of epochs
 first (planner.py).
 """
 import json
@@ -110,24 +111,6 @@ class TrainConfig:
 
 class DivergedError(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def reseed_dropout(model, seed):
-    """Give every module that draws random masks (dropout, drop path) one stream, shared,
-    seeded from (run seed, epoch): the modules draw from it in the same order in every run,
-    so a resumed epoch draws the same masks. One generator for the model, not one per module:
-    on a GPU each is a cuRAND state of its own, made afresh every epoch."""
-    rng = backend.BackendRNG(seed * 7919)
-    for _, m in model.named_modules():
-        if "rng" in m.__dict__:
-            m.rng = rng
-
-
-def read_back(*scalars):
-    """Several 0-d device arrays as Python floats, in one device-to-host transfer (each
-    float() of a CuPy array is a transfer, and a wait for the GPU, of its own)."""
-    xp = backend.get_array_module(*scalars)
-    return [float(v) for v in backend.to_numpy(xp.stack(scalars))]
 
 
 class Trainer:
@@ -232,7 +215,6 @@ class Trainer:
         training loss and accuracy, seconds, images per second, last learning rate)."""
         tc, model, optimizer, criterion = self.tc, self.model, self.optimizer, self.criterion
         model.train()
-        reseed_dropout(model, tc.seed * 1000 + epoch)
         steps = len(self.train_loader)
         total_steps, warmup = tc.epochs * steps, int(round(tc.warmup_epochs * steps))
         size = tc.train_size(epoch, self.mc.image_size)
@@ -245,6 +227,7 @@ class Trainer:
         start = time.perf_counter()
         for i, (x, y) in enumerate(self.train_loader.epoch(epoch, self._resize_to(size))):
             optimizer.lr = schedules.cosine_lr(epoch * steps + i, total_steps, tc.lr, warmup, tc.min_lr)
+            model.drop_rng.at(epoch, i)                  # this step's dropout masks: keyed (seed, epoch, i)
             model.zero_grad()
             logits = model.forward(x)                    # (B, K)
             loss = criterion.forward(logits, y)          # scalar
@@ -273,7 +256,7 @@ class Trainer:
         """(mean loss, accuracy) of the epoch's first `seen` images, from the device's running
         sums in one read-back; a label outside the classes or a loss that is not finite stops
         the run here."""
-        host_loss, host_correct, host_bad = read_back(loss_sum, correct, bad)
+        host_loss, host_correct, host_bad = backend.read_back(loss_sum, correct, bad)
         K = self.mc.num_classes
         if host_bad:
             raise ValueError(f"{int(host_bad)} training labels of epoch {epoch + 1} (up to step "

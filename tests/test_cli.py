@@ -25,14 +25,17 @@ def restore_backend():
 
 
 def _assert_check_output(out, name="numpy"):
-    """A header, then one `ok` line per checked layer, then the verdict."""
+    """For each set of kernels, a header, then one `ok` line per checked layer; then the verdict."""
     lines = out.strip().splitlines()
-    assert lines[0].startswith(f"float64 gradient checks on backend '{name}'"), out
-    results = lines[1:-1]
-    assert all(line.split()[0] == "ok" and "max rel_error" in line for line in results), out
-    for family in FAMILIES:
-        assert any(line.split()[1] == family for line in results), \
-            f"no result line for {family}:\n{out}"
+    headers = [i for i, line in enumerate(lines) if line.startswith("float64 gradient checks")]
+    assert [lines[i].split("kernels ")[1].split()[0] for i in headers] == ["'fast'", "'reference'"], out
+    for start, end in zip(headers, headers[1:] + [len(lines) - 1]):
+        assert lines[start].startswith(f"float64 gradient checks on backend '{name}'"), out
+        results = lines[start + 1:end]
+        assert all(line.split()[0] == "ok" and "max rel_error" in line for line in results), out
+        for family in FAMILIES:
+            assert any(line.split()[1] == family for line in results), \
+                f"no result line for {family}:\n{out}"
     assert lines[-1] == "all gradients agree"
 
 
@@ -66,15 +69,20 @@ def test_check_on_cupy_as_a_user_runs_it():
     _assert_check_output(proc.stdout, "cupy")
 
 
-def test_check_fails_loudly_on_a_wrong_gradient(capsys, monkeypatch, restore_backend):
-    # a GELU backward off by 1% must be caught: the check can fail, and then it says so
-    right = minicvt.functional.gelu_backward
-    monkeypatch.setattr(minicvt.functional, "gelu_backward", lambda dout, cache: 1.01 * right(dout, cache))
+@pytest.mark.parametrize("kernel_set", ["fast", "reference"])
+def test_check_fails_loudly_on_a_wrong_gradient(capsys, monkeypatch, restore_backend, kernel_set):
+    # a GELU backward off by 1% in one set must be caught there: the check can fail, and says so
+    module = minicvt.fast if kernel_set == "fast" else minicvt.functional
+    right = module.gelu_backward
+    monkeypatch.setattr(module, "gelu_backward", lambda dout, cache: 1.01 * right(dout, cache))
     assert cli.main(["check", "--backend", "numpy"]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
-    failed = [line.split()[1] for line in lines if line.split()[0] == "FAIL"]
-    assert failed == ["GELU", "GELU"]                     # the erf and the tanh forms
-    assert lines[-1] == "2 layer(s) FAILED"
+    sections = "\n".join(lines).split("float64 gradient checks")[1:]
+    failed = {s.split("kernels ")[1].split()[0]: [line.split()[1] for line in s.splitlines()
+                                                 if line.split() and line.split()[0] == "FAIL"]
+              for s in sections}
+    assert failed == {f"'{k}'": (["GELU", "GELU"] if k == kernel_set else []) for k in ("fast", "reference")}
+    assert lines[-1] == "2 layer(s) FAILED"                  # the erf and the tanh forms
 
 
 def test_missing_cupy_is_one_line_on_stderr(capsys, monkeypatch, restore_backend):

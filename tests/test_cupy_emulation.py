@@ -262,17 +262,20 @@ def test_the_fast_kernels_allocate_less_on_cupy(emulated_cupy, cifar_s):
     assert fast_used[1] <= 1.01 * reference_used[1] and fast_used[3] <= reference_used[3], used
 
 
-def test_one_random_generator_per_epoch(emulated_cupy):
-    """Every dropout and drop-path module shares one stream per epoch, made at its first draw
-    (before: a generator per module per epoch, 34 in cvt-cifar-s, each with its own state)."""
-    from minicvt.train import reseed_dropout
+def test_one_random_generator_per_step(emulated_cupy):
+    """Every dropout and drop-path module draws from the model's one stream, made at its first
+    draw of a step (before the shared stream: a generator per module, 34 in cvt-cifar-s)."""
     model = build_model(get_config("cvt-cifar-s"), seed=0)          # drop path 0.1 in stage 2
+    x = dev(np.zeros((2, 3, 32, 32)), dtype=np.float32)
     made = emulated_cupy.generators_made
-    reseed_dropout(model, 1)
     model.train()
     with nn.no_grad():
-        model.forward(dev(np.zeros((2, 3, 32, 32)), dtype=np.float32))
-    assert emulated_cupy.generators_made - made == 1
+        model.drop_rng.at(1, 0)
+        model.forward(x)
+        model.forward(x)                                             # the same step: no new one
+        model.drop_rng.at(1, 1)
+        model.forward(x)
+    assert emulated_cupy.generators_made - made == 2
 
 
 def test_the_trainer_reads_back_once_per_logging_interval(emulated_cupy, tmp_path):
