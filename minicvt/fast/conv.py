@@ -119,7 +119,7 @@ def col2im(cols, x_shape, kernel_size, stride=1, padding=0, channels_last=False)
 
 
 def _nchw(x_shape, channels_last):
-    """x's shape as (N, C, H, W) whatever its layout (what `_geometry` reads)."""
+    """x's shape as (N, C, H, W) whatever its layout (what `conv_geometry` reads)."""
     if channels_last:
         N, H, W, C = x_shape
         return (N, C, H, W)
