@@ -20,6 +20,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MINICVT_NUM_THREADS")
 
@@ -61,6 +62,22 @@ STAGES = [
 ]
 MLP_RATIO = 4
 NUM_CLASSES = 10
+
+
+class StageSizes(NamedTuple):
+    side: int       # the token grid's side after the k3 s2 p1 embedding (half the map's)
+    side_kv: int    # the side of the key/value grid after their k3 s2 p1 projection
+    Tq: int         # query tokens, the class token included
+    Tk: int         # key/value tokens, the class token included
+    hidden: int     # the MLP's hidden width
+
+
+def stage_sizes(st):
+    """The token geometry of a stage of STAGES (kernel_times.py uses it too)."""
+    side = st["side_in"] // 2
+    side_kv = (side + 2 - 3) // 2 + 1
+    extra = 1 if st["cls"] else 0                   # the class token joins q, k and v
+    return StageSizes(side, side_kv, side * side + extra, side_kv * side_kv + extra, MLP_RATIO * st["dim"])
 
 
 class Case:
@@ -119,11 +136,7 @@ def build_cases(N, dtype, seed=0):
     cases = []
     for s, st in enumerate(STAGES):
         C, heads, depth = st["dim"], st["heads"], st["depth"]
-        side = st["side_in"] // 2                       # k3 s2 p1 halves the map
-        side_kv = (side + 2 - 3) // 2 + 1               # k3 s2 p1 projection of k and v
-        extra = 1 if st["cls"] else 0                   # the class token joins q, k and v
-        Tq, Tk = side * side + extra, side_kv * side_kv + extra
-        hidden = MLP_RATIO * C                          # MLP hidden width
+        side, side_kv, Tq, Tk, hidden = stage_sizes(st)
         cases += [
             conv(s, "ConvEmbed conv", st["cin"], C, st["side_in"], 1),
             layernorm(s, "ConvEmbed norm (LayerNorm)", (N, side * side), C, 1),
