@@ -100,15 +100,6 @@ def test_matmul_and_matmul_t(threaded, rand):
         parallel.matmul(s, rand(1, 2, 4, 6))
 
 
-def test_add(threaded, rand):
-    a, b, c = rand(5, 3, 2), rand(5, 3, 2), rand(5, 3, 2)
-    np.testing.assert_allclose(parallel.add(a, b, c), a + b + c, **SAME)
-    np.testing.assert_allclose(parallel.add(a.transpose(1, 0, 2), b.transpose(1, 0, 2)),
-                               (a + b).transpose(1, 0, 2), **SAME)      # any layout
-    with pytest.raises(ValueError, match="two or more arrays of one shape"):
-        parallel.add(a, rand(5, 3, 1))
-
-
 def test_total_adds_partials():
     one, two = np.ones(3), 2 * np.ones(3)
     np.testing.assert_array_equal(parallel.total([one, two]), 3 * np.ones(3))

@@ -9,7 +9,6 @@ working on separate rows of the same arrays do run at the same time.
     parallel.rows(fn, (a, b, out), c)   # fn(a[i:j], b[i:j], out[i:j], c), a block of rows per thread
     parallel.matmul(x, w)               # x @ w, a block of x's rows (or of a stack's matrices) per thread
     parallel.matmul_t(d, x)             # d.T @ x, the blocks' shares of the sum over rows added up
-    parallel.add(a, b)                  # a + b, a block of rows per thread
     parallel.rows(fn, (a, out), pieces=True)   # each thread walks its block in cache-sized pieces
 
 Every layer that uses it keeps its math in a function over a block of rows and writes the
@@ -218,25 +217,6 @@ def sum_rows(a):
     """a.sum(axis=0): each thread sums a block of rows, and the blocks' sums are added (a bias
     gradient over the batch)."""
     return total(rows(lambda a: a.sum(axis=0), (a,)))
-
-
-def add(*arrays):
-    """a + b (+ c ...) for arrays of one shape, as a new array, a block of rows per thread:
-    residual connections, and the gradient of a tensor that feeds several layers."""
-    first = arrays[0]
-    if len(arrays) < 2 or any(a.shape != first.shape for a in arrays):
-        raise ValueError(f"parallel.add: needs two or more arrays of one shape, got "
-                         f"{[tuple(a.shape) for a in arrays]}")
-    xp = backend.get_array_module(*arrays)
-    out = xp.empty(first.shape, xp.result_type(*arrays))
-
-    def block(out, a, b, *more):
-        xp.add(a, b, out=out)
-        for c in more:
-            out += c
-
-    rows(block, (out,) + arrays)
-    return out
 
 
 def total(partials):
