@@ -218,8 +218,9 @@ class BackendRNG:
         mask = rng.random((N, 1, 1))
 
     Keyed streams are what an exact resume from the middle of an epoch needs (the stream of
-    step s is made again from its key, without replaying steps 0..s-1), what data parallelism
-    needs (every process makes the same stream and takes its slice of a global batch's draws),
+    step s can be made again from its key, without replaying steps 0..s-1; the trainer itself
+    still saves at epoch ends), what data parallelism can build on (processes that make the
+    same stream can draw for a whole global batch and each take its slice; nothing slices yet),
     and what CuPy allows: a cuRAND generator's state cannot be saved, a key can. `purpose`
     keeps the streams of one run apart ('dropout' for the model's masks, 'augment' for the
     data's crops and flips).
@@ -248,16 +249,18 @@ class BackendRNG:
         return self
 
     def key(self):
-        """The generator's seed for this (seed, purpose, epoch, step): a 32-bit integer from
-        NumPy's SeedSequence, which mixes the four so that nearby keys give unrelated streams."""
+        """NumPy's SeedSequence of (seed, purpose, epoch, step), which mixes the four so that
+        nearby keys give unrelated streams (128 bits of state: no two steps of any run share one)."""
         purpose = zlib.crc32(self.purpose.encode())
-        sequence = np.random.SeedSequence(self.initial_seed, spawn_key=(purpose, self.epoch, self.step))
-        return int(sequence.generate_state(1, np.uint32)[0])
+        return np.random.SeedSequence(self.initial_seed, spawn_key=(purpose, self.epoch, self.step))
 
     def _generator(self):
         if self._gen is None or self.backend != get_backend():
-            self.backend = get_backend()
-            self._gen = xp().random.default_rng(self.key())
+            self.backend, key = get_backend(), self.key()
+            # NumPy's generator takes the SeedSequence itself; CuPy's takes an integer seed: 63
+            # bits drawn from it (cuRAND's generators may keep fewer)
+            self._gen = (np.random.default_rng(key) if self.backend == "numpy"
+                         else xp().random.default_rng(int(key.generate_state(1, np.uint64)[0] >> 1)))
         return self._gen
 
     def random(self, shape, dtype=np.float32):

@@ -240,7 +240,7 @@ def test_an_inference_forward_makes_no_transfer(emulated_cupy, cifar_s, both_ker
 def test_the_fast_kernels_allocate_less_on_cupy(emulated_cupy, cifar_s):
     """Why minicvt.kernels chooses 'fast' on CuPy too: under the emulation's memory ledger a
     training step of cvt-cifar-s (batch 4) and an inference forward allocate fewer bytes in all
-    with the fast set, at no higher peak (docs/backend.md has the figures: at batch 8 the step
+    with the fast set, at a peak within 1 % of the reference's (docs/backend.md has the figures: at batch 8 the step
     allocates 143 MB against the reference's 275 MB, at the same 39 MB peak; the inference
     forward 42 MB against 119 MB, peak 5.8 MB against 10.0 MB)."""
     _, x, y = cifar_s

@@ -133,9 +133,9 @@ def test_cvt_cifar_s_matches_pytorch(xp, train):
     model = build_model(cfg, seed=1, dtype=np.float64)
     if not train:
         randomise_bn_statistics(model, np.random.default_rng(2))
-    # drop path 0.1 in the last block: seed 3 drops one of the two samples' branches at least
+    # drop path 0.1 in the last block: seed 6 drops one of the two samples' branches at least
     # once, so the replayed masks are exercised (asserted below)
-    model.drop_rng.seed(3)
+    model.drop_rng.seed(6)
     x, labels = _inputs(cfg, batch=2)
     masks = check_parity(model, x, labels, train)
     if train:

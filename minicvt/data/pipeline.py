@@ -3,8 +3,8 @@
 Shapes: images (N, 3, H, W) uint8, labels (N,) int64; a batch x (B, 3, H, W) float, y (B,).
 The whole uint8 set is moved to the backend once; batches are gathered, converted and
 augmented there, so on a GPU nothing but indices crosses from the host per step.
-Every random choice depends only on (seed, epoch): a run resumed at an epoch boundary draws
-exactly the batches and augmentations the uninterrupted run would have drawn.
+The order of epoch e depends only on (seed, e), and batch i's augmentation only on (seed, e, i):
+a resumed run draws exactly the batches and augmentations the uninterrupted run would have.
 """
 import numpy as np
 
@@ -92,7 +92,8 @@ class Loader:
     images (N, 3, H, W) uint8 and labels (N,) on the host; mean/std (3,) on the 0..1 scale.
     `epoch(e)` yields (x (B, 3, H, W) dtype, y (B,) int64) for epoch e: shuffled by a
     permutation seeded with (seed, e) when shuffle, augmented (random crop with `crop_padding`,
-    horizontal flip) when augment, batch i's draws from the stream keyed (seed, 'augment', e, i). The last partial batch is kept unless drop_last.
+    horizontal flip) when augment, batch i's draws from the stream keyed (seed, 'augment', e, i).
+    The last partial batch is kept unless drop_last.
     `epoch(e, size=S)` resizes each batch to S×S after augmenting it at the images' own size
     (so the crop's padding shrinks with the image).
     """

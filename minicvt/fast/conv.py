@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 from .. import backend
 from ..backend import get_array_module
-from ..functional.checks import check_shape
-from ..functional.conv import ConvCache, check_conv2d, check_depthwise, conv_geometry
+from ..functional.checks import check_cache, check_shape
+from ..functional.conv import check_conv2d, check_depthwise, conv_geometry
 from . import parallel
 
 
@@ -153,10 +153,21 @@ def _weight_matrix(w, channels_last):
     return w.transpose(0, 2, 3, 1).reshape(F, -1) if channels_last else w.reshape(F, -1)
 
 
+class FastConvCache(NamedTuple):
+    """functional.ConvCache's fields, with cols in this im2col's order (i, j, c) channels last."""
+    x_shape: tuple
+    cols: object
+    w: object
+    has_bias: bool
+    stride: object
+    padding: object
+    channels_last: bool
+
+
 def conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=False):
     """Equals functional.conv2d_forward. Channels last, im2col copies whole channel vectors and
     the result is already the (N, OH, OW, F) layout; the matmul runs a block of rows per thread
-    and adds the bias while each block is in the cache. cache: a ConvCache whose cols are in
+    and adds the bias while each block is in the cache. cache: a FastConvCache, whose cols are in
     im2col's order for the layout."""
     check_conv2d(x, w, b, channels_last)
     F, C, kh, kw = w.shape
@@ -167,11 +178,12 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=False):
     out = out.reshape(N, OH, OW, F)
     if not channels_last:
         out = out.transpose(0, 3, 1, 2)                     # (N, F, OH, OW)
-    return out, ConvCache(x.shape, cols, w, b is not None, stride, padding, channels_last)
+    return out, FastConvCache(x.shape, cols, w, b is not None, stride, padding, channels_last)
 
 
 def conv2d_backward(dout, cache):
     """Equals functional.conv2d_backward; the sums over rows (dw, db) a block of rows per thread."""
+    check_cache("conv2d", cache, FastConvCache)
     x_shape, cols, w, has_bias, stride, padding, channels_last = cache
     F, C, kh, kw = w.shape
     d2 = (dout if channels_last else dout.transpose(0, 2, 3, 1)).reshape(-1, F)   # (N*OH*OW, F)
@@ -210,7 +222,7 @@ def _windows(xpad, kernel, stride, out_hw, channels_last, window):
     return windows[window(slice(0, sh * OH, sh), slice(0, sw * OW, sw))]
 
 
-class DepthwiseCache(NamedTuple):
+class FastDepthwiseCache(NamedTuple):
     x_shape: tuple          # x's shape, in its layout
     xpad: object            # the padded input, in x's layout: dw reads its windows again
     w: object               # (C, 1, kh, kw)
@@ -237,7 +249,7 @@ def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=Fa
     out = xp.empty((N, OH, OW, C) if channels_last else (N, C, OH, OW), x.dtype)
     parallel.rows(_window_sums, (windows, out), _filters(w[:, 0], channels_last), channels_last,
                   None if b is None else b.reshape(wshape))
-    return out, DepthwiseCache(x.shape, xpad, w, b is not None, (sh, sw), (ph, pw), channels_last)
+    return out, FastDepthwiseCache(x.shape, xpad, w, b is not None, (sh, sw), (ph, pw), channels_last)
 
 
 def depthwise_bn_inference(x, w, gamma, beta, running_mean, running_var, eps=1e-5, stride=1, padding=0,
@@ -257,6 +269,7 @@ def depthwise_conv2d_backward(dout, cache):
     """Equals functional.depthwise_conv2d_backward. dw is one einsum over the forward's windows;
     at stride 1, dx is dout zero-padded by k - 1 - p and correlated with the flipped filters,
     the forward's einsum again; a block of images per thread, whose shares of dw, db are added."""
+    check_cache("depthwise_conv2d", cache, FastDepthwiseCache)
     x_shape, xpad, w, has_bias, (sh, sw), (ph, pw), channels_last = cache
     xp = get_array_module(dout)
     C, (N, _, H, W), window, wshape = _depthwise_layout(x_shape, channels_last)

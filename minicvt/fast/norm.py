@@ -16,6 +16,7 @@ What they do differently, and why (measured in docs/performance.md):
 from typing import NamedTuple
 
 from ..backend import get_array_module, sum_of_products
+from ..functional.checks import check_cache
 from ..functional.norm import NormCache, bn_axes, check_batchnorm, check_layernorm
 from . import parallel
 
@@ -72,6 +73,7 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
 
 def batchnorm2d_backward(dout, cache):
     """Equals functional.batchnorm2d_backward."""
+    check_cache("batchnorm2d", cache, BatchNormCache)
     xc, rstd, gamma, training, channels_last = cache
     axes, shape = bn_axes(dout.shape, channels_last)
     spec = "nhwc,nhwc->c" if channels_last else "nchw,nchw->c"

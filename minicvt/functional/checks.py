@@ -36,3 +36,13 @@ def pair(v, what="value"):
     if len(v) != 2 or not all(isinstance(i, int) for i in v):
         raise ValueError(f"{what} must be an int or a pair of ints, got {v!r}")
     return v
+
+
+def check_cache(layer, cache, kind):
+    """A backward reads only a cache of its own forward's type. The fast kernels' caches for
+    the same layer hold other arrays in the same places (the centred input where the reference
+    keeps xhat, im2col's columns in another order): a forward run with one set of kernels and its
+    backward with the other (minicvt.kernels) is refused here instead of giving wrong gradients."""
+    if not isinstance(cache, kind):
+        raise TypeError(f"{layer}_backward: got a {type(cache).__name__}, not the {kind.__name__} its forward "
+                        f"makes; run a forward and its backward with the same set of kernels (minicvt.kernels)")

@@ -11,7 +11,7 @@ Derivations: docs/conv.md.
 from typing import NamedTuple
 
 from ..backend import get_array_module
-from .checks import check_float, check_ndim, check_shape, pair
+from .checks import check_cache, check_float, check_ndim, check_shape, pair
 
 
 def conv_output_size(size, kernel, stride, padding):
@@ -112,6 +112,7 @@ def conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=False):
 def conv2d_backward(dout, cache):
     """dout (N, F, OH, OW) -> dx (N, C, H, W), dw (F, C, kh, kw), db (F,) or None; channels
     last, dout (N, OH, OW, F) -> dx (N, H, W, C)."""
+    check_cache("conv2d", cache, ConvCache)
     x_shape, cols, w, has_bias, stride, padding, channels_last = cache
     F = w.shape[0]
     d2 = (dout if channels_last else dout.transpose(0, 2, 3, 1)).reshape(-1, F)   # (N*OH*OW, F)
@@ -176,6 +177,7 @@ def depthwise_conv2d_forward(x, w, b=None, stride=1, padding=0, channels_last=Fa
 def depthwise_conv2d_backward(dout, cache):
     """dout (N, C, OH, OW) -> dx (N, C, H, W), dw (C, 1, kh, kw), db (C,) or None; channels
     last, dout (N, OH, OW, C) -> dx (N, H, W, C)."""
+    check_cache("depthwise_conv2d", cache, DepthwiseCache)
     x_shape, xpad, w, has_bias, (sh, sw), (ph, pw), channels_last = cache
     if channels_last:
         dout = dout.transpose(0, 3, 1, 2)                           # (N, C, OH, OW)

@@ -7,7 +7,7 @@ gamma * xhat + beta (PyTorch's weight and bias). Derivations: docs/norm.md.
 from typing import NamedTuple
 
 from ..backend import get_array_module
-from .checks import check_float, check_ndim, check_shape
+from .checks import check_cache, check_float, check_ndim, check_shape
 
 
 class NormCache(NamedTuple):
@@ -55,6 +55,7 @@ def batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training,
 
 def batchnorm2d_backward(dout, cache):
     """dout (x's shape) -> dx (x's shape), dgamma (C,), dbeta (C,)."""
+    check_cache("batchnorm2d", cache, NormCache)
     xhat, rstd, gamma, training, channels_last = cache
     axes, shape = bn_axes(dout.shape, channels_last)
     dbeta = dout.sum(axis=axes)                         # forward was: out = gamma * xhat + beta
