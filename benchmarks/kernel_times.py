@@ -16,39 +16,15 @@ Before timing, each row's two results are compared once; a WARNING line names a 
 and reference results differ by more than rounding (a benchmark timing the wrong call).
 A script, not a test: nothing here asserts a time. See benchmarks/README.md.
 """
-import argparse
 import json
-import os
 import sys
 
-# layer_times.THREAD_VARS, named again here: importing layer_times would load NumPy before the
-# variables are set
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MINICVT_NUM_THREADS")
+from bench_args import parse_args  # loads no NumPy
+
 SETS = ("reference", "fast")
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=128, help="batch size N (default 128)")
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per number (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="set OMP/OPENBLAS/MKL/MINICVT_NUM_THREADS before NumPy is imported "
-                        "(default: leave the environment as it is)")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--json", metavar="OUT", default=None, help="also write every number to OUT")
-    args = p.parse_args(argv)
-    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("need --batch >= 1, --repeats >= 1, --warmup >= 0")
-    return args
-
-
-# The thread variables are read once, when the libraries load: set them before NumPy is imported.
-ARGS = parse_args() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.threads is not None:
-    for _var in THREAD_VARS:
-        os.environ[_var] = str(ARGS.threads)
+# parse the command line (and set the thread variables) before NumPy is imported
+ARGS = parse_args(__doc__.split("\n\n")[0], json=True) if __name__ == "__main__" else None
 
 import numpy as np  # noqa: E402
 

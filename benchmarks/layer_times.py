@@ -14,7 +14,6 @@ be reused). Each number is the median of `repeats` calls after `warmup` untimed 
 with backend.synchronize() before and after each call so it is also right on a GPU.
 A script, not a test: nothing here asserts a time. See benchmarks/README.md.
 """
-import argparse
 import os
 import platform
 import statistics
@@ -22,31 +21,10 @@ import sys
 import time
 from typing import NamedTuple
 
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MINICVT_NUM_THREADS")
+from bench_args import THREAD_VARS, parse_args  # loads no NumPy
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=128, help="batch size N (default 128)")
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per number (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="set OMP/OPENBLAS/MKL_NUM_THREADS before NumPy is imported "
-                        "(default: leave the environment as it is)")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    args = p.parse_args(argv)
-    if args.batch < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("need --batch >= 1, --repeats >= 1, --warmup >= 0")
-    return args
-
-
-# The thread variables are read once, when the BLAS library loads, so they must be set before
-# NumPy is imported: parse the command line first, then import everything else.
-ARGS = parse_args() if __name__ == "__main__" else None
-if ARGS is not None and ARGS.threads is not None:
-    for _var in THREAD_VARS:
-        os.environ[_var] = str(ARGS.threads)
+# parse the command line (and set the thread variables) before NumPy is imported
+ARGS = parse_args(__doc__.split("\n\n")[0], json=False) if __name__ == "__main__" else None
 
 import numpy as np  # noqa: E402
 
