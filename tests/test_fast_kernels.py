@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from cvt_tiny import tiny_config
-from minicvt import backend, fast, kernels
+from minicvt import backend, fast, kernels, nn
 from minicvt.fast import parallel
 from minicvt.models import build_model
 
@@ -252,7 +252,6 @@ def _model_step(kernel_set, x, config):
         logits = model.forward(x)
         dx = model.backward(backend.to_device(np.random.default_rng(4).standard_normal(tuple(logits.shape))))
         grads = {n: p.grad for n, p in model.named_parameters()}
-        from minicvt import nn
         with nn.no_grad():
             inference = model.eval().forward(x)
         return logits, dx, grads, inference

@@ -98,7 +98,7 @@ class ConvolutionalVisionTransformer(nn.Module):
             raise ValueError(f"CvT: dtype must be float32 or float64, got {dtype}")
         if cfg.num_classes < 1:
             raise ValueError(f"CvT: num_classes must be at least 1, got {cfg.num_classes}")
-        self.config, self.seed = cfg, seed
+        self.config = cfg
         rng = backend.host_rng(seed)                        # initial weights: same on every backend
         self.drop_rng = backend.BackendRNG(seed, "dropout")
         in_chans = cfg.in_chans
