@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_numpy
+from .errors import BadFileError
 
 FORMAT = "minicvt-checkpoint-1"
 
@@ -23,7 +24,7 @@ FORMAT = "minicvt-checkpoint-1"
 SETTINGS_BEFORE = {"resolutions": "", "eval_flip": False}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BadFileError, RuntimeError):
     """A checkpoint is missing, corrupt, or does not fit the model it is loaded into."""
 
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..errors import BadFileError
 
-class DataError(RuntimeError):
+
+class DataError(BadFileError, RuntimeError):
     """Data is missing, unreachable or corrupt; the message says what to do."""
 
 

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend, data
+from ..errors import BadFileError
 from .configs import CVT_13, CvTConfig
 from .cvt import ConvolutionalVisionTransformer
 
 
-class PretrainedError(ValueError):
+class PretrainedError(BadFileError):
     """A folder that is not a Hugging Face CvT minicvt can read; the message says why."""
 
 
