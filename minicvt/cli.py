@@ -50,15 +50,24 @@ def cmd_train(args):
     """Train (or, with --resume, continue) a run in --out."""
     from dataclasses import asdict, fields
 
+    from . import run_folder
     from .checkpoint import CheckpointError, load_checkpoint
     from .models import get_config
     from .train import TrainConfig, Trainer
 
     backend.set_backend(args.backend)
+    run_folder.parse_save_every(args.save_every)          # a malformed value fails before any work
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     if args.resume:
+        if args.overwrite:
+            raise ValueError("give --resume (continue the run in --out) or --overwrite (delete it and "
+                             "start over), not both")
         # the run's settings come from its checkpoint; a flag given now must agree with them
         last = Path(args.out) / "last.npz"
+        if not last.is_file():
+            raise run_folder.RunFolderError(
+                f"--resume: {last} does not exist: the run saved nothing before it stopped (it saves every "
+                f"few minutes, --save-every, and when stopped by Ctrl-C); start it again without --resume")
         _, optim_state, meta = load_checkpoint(last)
         if not optim_state:
             raise CheckpointError(f"{last} holds no optimiser state (best.npz and inference copies are "
@@ -72,12 +81,14 @@ def cmd_train(args):
                              f"from its weights: minicvt train --init-from {last} --out NEW_FOLDER "
                              f"(with --data, --epochs and any other settings)")
         tc = TrainConfig.from_saved(saved)
+        run_folder.check_resumable(args.out, meta, tc.epochs)
     else:
         if given.get("minutes") and "epochs" in given:
             raise ValueError("give --epochs or --minutes, not both: --minutes plans the number of epochs")
         tc = TrainConfig(**given)
     get_config(tc.model)      # an unknown name fails now, not after loading (or downloading) the data
-    trainer = Trainer(tc, args.out, progress=not args.quiet, cache_dir=args.cache_dir, resuming=args.resume)
+    trainer = Trainer(tc, args.out, progress=not args.quiet, cache_dir=args.cache_dir, resuming=args.resume,
+                      overwrite=args.overwrite, save_every=args.save_every)
     if args.resume:
         trainer.resume()
     tc = trainer.tc                 # with --minutes, the number of epochs it planned
@@ -213,6 +224,11 @@ def build_parser():
     p.add_argument("--init-from", metavar="CKPT", help="start this new run from the weights of a "
                    "checkpoint or model file (e.g. a finished run's last.npz): fine-tuning, or training "
                    "a finished run further with a schedule of its own")
+    p.add_argument("--overwrite", action="store_true", help="delete the run --out holds and start over "
+                   "(without it, train refuses a folder that holds a run)")
+    p.add_argument("--save-every", default="5m", metavar="EVERY", help="how often last.npz is saved inside "
+                   "an epoch: minutes ('5m', the default), seconds ('90s') or a number of steps ('200'); "
+                   "it is also saved after every epoch, and on SIGINT or SIGTERM")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--cache-dir", help=CACHE_HELP)
     p.set_defaults(func=cmd_train)
@@ -270,6 +286,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .stopping import Interrupted
     from .train import DivergedError
     try:
         if getattr(args, "backend", "x") is None:       # MINICVT_BACKEND, checked like --backend
@@ -284,19 +301,33 @@ def main(argv=None):
         message = " ".join(line.strip() for line in str(e).strip().splitlines())
         print(f"minicvt {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Interrupted as e:         # SIGINT or SIGTERM during training: the run saved its state
+        # the command on a line of its own, to copy (the progress bar is closed by now)
+        print(f"minicvt {args.command}: {e}; continue with:\n{_resume_command(args)}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"minicvt {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
 
 
+def _resume_command(args):
+    """`minicvt train --resume` for this run, with the flags a checkpoint does not store."""
+    command = f"minicvt train --resume --out {args.out}"
+    if args.backend != "numpy":
+        command += f" --backend {args.backend}"
+    if args.cache_dir:
+        command += f" --cache-dir {args.cache_dir}"
+    return command
+
+
 def _resume_hint(args):
-    """What an interrupted command can be continued with: a training run that has saved an
-    epoch resumes from it; before the first epoch is saved there is nothing to resume."""
+    """What a command interrupted outside the training steps (loading the data, a second
+    Ctrl-C) can be continued with: a training run that has saved resumes from its last save."""
     if args.command != "train":
         return ""
     if (Path(args.out) / "last.npz").is_file():
-        return f"; continue with: minicvt train --resume --out {args.out}"
-    return (f"; nothing to resume: no epoch had finished, so {args.out} holds no checkpoint "
+        return f"; continue with:\n{_resume_command(args)}"
+    return (f"; nothing to resume: {args.out} holds no checkpoint yet "
             f"(run the same command again to start over)")
 
 

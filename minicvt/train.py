@@ -12,11 +12,14 @@ Around it, what a real run needs: the learning rate set every step and the image
 epoch (schedules.py: cosine with warm-up, progressive resizing), running sums of the loss read
 back from the device once per logging interval, a stop on a NaN loss or a bad label, and after
 every epoch an evaluation (evaluation.py), metrics appended to metrics.jsonl, curves drawn to
-curves.png (viz/curves.py), and an atomic checkpoint (last.npz, and best.npz when validation
-accuracy improves) from which `resume` continues exactly: the data order of epoch e depends
-only on (seed, e), and the augmentation and dropout masks of its step i only on (seed, e, i)
-(backend.BackendRNG's keyed streams). `--minutes` plans the number of epochs
-first (planner.py).
+curves.png (viz/curves.py), and atomic checkpoints (checkpoint.py): best.npz when validation
+accuracy improves, then last.npz. last.npz is also written inside an epoch, every few minutes
+(`save_every`), and when SIGINT or SIGTERM asks the run to stop (stopping.py). `resume`
+continues from it exactly, from the middle of an epoch too: the data order of epoch e depends
+only on (seed, e), the augmentation and dropout masks of its step i only on (seed, e, i)
+(backend.BackendRNG's keyed streams), and the checkpoint holds the step and the epoch's running
+sums. A run folder is never overwritten by a new run (run_folder.py). `--minutes` plans the
+number of epochs first (planner.py).
 """
 import json
 import math
@@ -27,13 +30,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import backend, data, nn, schedules
+from . import backend, data, nn, run_folder, schedules
 from . import functional as F
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, saved_train_settings
+from .checkpoint import (CheckpointError, atomic_write, load_checkpoint, remove_temporaries, save_checkpoint,
+                         saved_train_settings)
 from .evaluation import evaluate
 from .models import CvTConfig, build_model, get_config, load
 from .optim import clip_grad_norm, make_optimizer
 from .planner import plan_epochs
+from .stopping import Interrupted, StopSignals
 from .viz import plot_curves
 
 
@@ -117,12 +122,18 @@ class Trainer:
     """Holds the data, model, optimiser and output folder of one run."""
 
     def __init__(self, tc, out_dir, model_config=None, progress=True, log=print, cache_dir=None,
-                 log_every=20, resuming=False):
+                 log_every=20, resuming=False, overwrite=False, save_every=run_folder.DEFAULT_SAVE_EVERY):
         """resuming: the weights will come from resume(), so tc.init_from is not read again
-        (it may have moved since the run began)."""
+        (it may have moved since the run began). Otherwise out_dir must not hold a run, unless
+        overwrite (fit() then deletes it first). save_every: how often last.npz is written
+        inside an epoch, '5m', '90s' or a number of steps (run_folder.parse_save_every)."""
         began = time.perf_counter()           # a --minutes budget counts the data loading too
         self.tc, self.out, self.log_every = tc, Path(out_dir), log_every
         self.progress, self.log = progress, log
+        self.save_steps, self.save_seconds = run_folder.parse_save_every(save_every)
+        self.overwrite = overwrite and not resuming
+        if not resuming:                      # before the data loads: a mistake costs nothing
+            run_folder.check_new(self.out, overwrite)
         self.dtype = np.dtype(tc.dtype)
         images, labels, classes = data.load_dataset(tc.data, cache_dir=cache_dir, progress=progress)
         self.classes, self.num_images = list(classes), len(labels)
@@ -154,6 +165,8 @@ class Trainer:
         # no label check that reads back every step: the loop counts bad labels on the device
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing, check_labels=False)
         self.start_epoch, self.best_acc, self.history = 0, -1.0, []
+        self.position = None          # where resume() found a run stopped inside an epoch
+        self.last_saved = None        # "DIR/last.npz (after epoch 3 of 24)": named when a run fails
         if tc.minutes and not resuming:       # a resumed run keeps the epochs its plan fixed
             seconds = tc.minutes * 60 - (time.perf_counter() - began)
             self.tc = replace(tc, epochs=plan_epochs(seconds, tc, self.mc, self.train_loader, self.val_loader,
@@ -171,16 +184,51 @@ class Trainer:
         self.model.load_state_dict(source.state_dict())
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def _meta(self, epoch):
+    def _meta(self, epoch, position=None):
+        """The checkpoint's metadata after (0-based) epoch `epoch` has finished; `position`:
+        where a save inside epoch + 1 stands (its next step and the running sums)."""
         return {"epoch": epoch, "train_config": asdict(self.tc), "model_config": json.loads(self.mc.to_json()),
                 "classes": self.classes, "num_images": self.num_images, "normalization": self.norm,
                 "data_fingerprint": self.data_fingerprint,
                 "best_acc": self.best_acc,
-                "history": self.history}
+                "history": self.history,
+                "position": position}
+
+    def _save(self, epoch, improved=False, position=None):
+        """best.npz first (when improved), then last.npz: a kill between the two leaves the
+        new best and the old last, whose resume runs the epoch again and saves both once more.
+        (The other order would lose this best model for good.) Nothing is saved from weights
+        that are not finite: the run stops instead, naming the last good checkpoint."""
+        self._check_finite(epoch, position)
+        if improved:
+            save_checkpoint(self.out / "best.npz", self.model, None, self._meta(epoch))
+        save_checkpoint(self.out / "last.npz", self.model, self.optimizer, self._meta(epoch, position))
+        steps = len(self.train_loader)
+        self.last_saved = f"{self.out / 'last.npz'} ({run_folder.describe(self._meta(epoch, position), self.tc.epochs, steps)})"
+        self._saved_at = time.monotonic()
+
+    def _check_finite(self, epoch, position):
+        xp = backend.xp()
+        arrays = [p.data for p in self.model.parameters()] + list(self.optimizer.state.values())
+        (finite,) = backend.read_back(xp.stack([xp.isfinite(a).all() for a in arrays]).all())
+        if not finite:
+            where = (f"epoch {position['epoch'] + 1}, step {position['step']}" if position
+                     else f"epoch {epoch + 1}")
+            raise DivergedError(f"the weights became NaN or infinite in {where}; {self._last_good()}")
+
+    def _last_good(self):
+        if self.last_saved is None:
+            return "no checkpoint was saved yet (try a lower --lr)"
+        return f"the last good checkpoint is {self.last_saved} (try a lower --lr)"
 
     def resume(self):
-        """Continue from out/last.npz: weights, optimiser state, epoch counter, history."""
+        """Continue from out/last.npz: weights, optimiser state, history, and where it stopped
+        (after an epoch, or inside one: its step and running sums)."""
         path = self.out / "last.npz"
+        if not path.is_file():
+            raise run_folder.RunFolderError(
+                f"--resume: {path} does not exist: the run saved nothing before it stopped (it saves every "
+                f"few minutes, --save-every, and when stopped by Ctrl-C); start it again without --resume")
         model_state, optim_state, meta = load_checkpoint(path)
         saved = asdict(TrainConfig.from_saved(meta["train_config"]))
         if saved != asdict(self.tc):
@@ -191,18 +239,22 @@ class Trainer:
         if saved_mc != self.mc:
             diff = {k: (v, getattr(self.mc, k)) for k, v in asdict(saved_mc).items() if getattr(self.mc, k) != v}
             raise CheckpointError(f"{path} holds a different model configuration (saved vs now: {diff})")
+        run_folder.check_resumable(self.out, meta, self.tc.epochs)
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optim_state)
         self.start_epoch, self.best_acc, self.history = meta["epoch"] + 1, meta["best_acc"], meta["history"]
+        self.position = meta.get("position")
+        if self.position:
+            self.start_epoch = self.position["epoch"]
         self._write_metrics()
-        self.log(f"resumed from {path} after epoch {meta['epoch'] + 1}")
+        where = run_folder.describe(meta, self.tc.epochs, len(self.train_loader))
+        self.last_saved = f"{path} ({where})"
+        self.log(f"resumed from {path} {where}")
 
     def _write_metrics(self):
         """metrics.jsonl is rewritten from the checkpoint's history, so it always agrees with it."""
         lines = "".join(json.dumps(h) + "\n" for h in self.history)
-        tmp = self.out / ".metrics.jsonl.tmp"
-        tmp.write_text(lines)
-        tmp.replace(self.out / "metrics.jsonl")
+        atomic_write(self.out / "metrics.jsonl", lambda f: f.write(lines.encode()))
 
     # -- the loop ------------------------------------------------------------------------------
     def _resize_to(self, size):
@@ -210,9 +262,16 @@ class Trainer:
         smaller size, never the full one, so that images that are not square keep their shape."""
         return size if size != self.mc.image_size else None
 
-    def train_epoch(self, epoch):
-        """One pass over the training images; -> the epoch's record (its image size, mean
-        training loss and accuracy, seconds, images per second, last learning rate)."""
+    def _save_due(self, global_step):
+        """Whether to save after step `global_step` (0-based, counted over the whole run)."""
+        if self.save_steps:
+            return (global_step + 1) % self.save_steps == 0
+        return time.monotonic() - self._saved_at >= self.save_seconds
+
+    def train_epoch(self, epoch, stop=None):
+        """One pass over the training images (from where a resumed run stopped inside it); ->
+        the epoch's record (its image size, mean training loss and accuracy, seconds, images
+        per second, last learning rate). stop: a StopSignals, looked at after every step."""
         tc, model, optimizer, criterion = self.tc, self.model, self.optimizer, self.criterion
         model.train()
         steps = len(self.train_loader)
@@ -220,12 +279,19 @@ class Trainer:
         size = tc.train_size(epoch, self.mc.image_size)
         xp = backend.xp()
         # running sums stay on the device: reading one back waits for the GPU, so they are read
-        # together once per logging interval, not every step
-        loss_sum, correct, bad, seen = xp.zeros(()), xp.zeros(()), xp.zeros(()), 0
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs} at {size}x{size}",
+        # together once per logging interval, not every step. A run resumed inside this epoch
+        # starts from the sums its checkpoint holds (float64 both ways: bit for bit the same)
+        first, sums = 0, {"loss_sum": 0.0, "correct": 0.0, "bad": 0.0, "seen": 0, "seconds": 0.0}
+        if self.position and self.position["epoch"] == epoch:
+            first, sums = self.position["step"], self.position
+        self.position = None
+        loss_sum, correct, bad = (xp.asarray(sums[k], dtype=xp.float64) for k in ("loss_sum", "correct", "bad"))
+        seen, earlier = sums["seen"], sums["seconds"]
+        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{tc.epochs} at {size}x{size}",
                    disable=not self.progress, leave=False)
         start = time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader.epoch(epoch, self._resize_to(size))):
+        batches = self.train_loader.epoch(epoch, self._resize_to(size), start=first)
+        for i, (x, y) in enumerate(batches, start=first):
             optimizer.lr = schedules.cosine_lr(epoch * steps + i, total_steps, tc.lr, warmup, tc.min_lr)
             model.drop_rng.at(epoch, i)                  # this step's dropout masks: keyed (seed, epoch, i)
             model.zero_grad()
@@ -241,14 +307,26 @@ class Trainer:
             bad += F.label_errors(y, self.mc.num_classes)
             seen += len(y)
             # the first step too: the bar shows the loss from its first update
-            if i == 0 or i % self.log_every == self.log_every - 1 or i == steps - 1:
+            if i == first or i % self.log_every == self.log_every - 1 or i == steps - 1:
                 train_loss, train_acc = self._read_progress(epoch, i, loss_sum, correct, bad, seen)
                 bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}",
-                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+                                img_s=f"{seen / (time.perf_counter() - start + earlier):.0f}")
             bar.update(1)
+            stopping = stop is not None and stop.requested
+            # the epoch's last step is saved with the epoch, after its validation
+            if i < steps - 1 and (stopping or self._save_due(epoch * steps + i)):
+                self._read_progress(epoch, i, loss_sum, correct, bad, seen)   # no NaN is saved
+                loss_host, correct_host, bad_host = backend.read_back(loss_sum, correct, bad)
+                self._save(epoch - 1, position={
+                    "epoch": epoch, "step": i + 1, "loss_sum": loss_host, "correct": correct_host,
+                    "bad": bad_host, "seen": seen, "seconds": earlier + time.perf_counter() - start})
+                if stopping:
+                    bar.close()
+                    raise Interrupted(f"stopped by {stop.signal_name} in epoch {epoch + 1} after step {i + 1} "
+                                      f"of {steps}; saved {self.out / 'last.npz'}", stop.signal_number)
         backend.synchronize()
         bar.close()
-        seconds = time.perf_counter() - start
+        seconds = earlier + time.perf_counter() - start
         return {"image_size": size, "train_loss": train_loss, "train_acc": train_acc,
                 "seconds": seconds, "images_per_s": seen / seconds, "lr": optimizer.lr}
 
@@ -263,31 +341,41 @@ class Trainer:
                              f"{step + 1}) lie outside [0, {K}); the labels must be class indices")
         mean_loss = host_loss / seen
         if not math.isfinite(mean_loss):
-            raise DivergedError(f"loss became {mean_loss} in epoch {epoch + 1}, step {step + 1}; the last "
-                                f"good checkpoint is {self.out / 'last.npz'} (try a lower --lr)")
+            raise DivergedError(f"loss became {mean_loss} in epoch {epoch + 1}, step {step + 1}; "
+                                f"{self._last_good()}")
         return mean_loss, host_correct / seen
 
     def fit(self):
+        """Train from start_epoch to the end; -> the history. SIGINT or SIGTERM stops it after
+        the step it is in, saved: Interrupted."""
         self.out.mkdir(parents=True, exist_ok=True)
-        for epoch in range(self.start_epoch, self.tc.epochs):
-            record = {"epoch": epoch + 1, **self.train_epoch(epoch)}
-            if self.val_loader is not None:
-                # at the epoch's training size: a model half-way through the small epochs is
-                # judged on images like the ones it is learning from
-                val_loss, val_acc, _ = evaluate(self.model, self.val_loader, len(self.classes), self.progress,
-                                                flip=self.tc.eval_flip, size=self._resize_to(record["image_size"]))
-                record.update(val_loss=val_loss, val_acc=val_acc)
-            self.history.append(record)
-            # best.npz among the epochs at full size, where the validation score is the one
-            # `minicvt eval` reproduces (a smaller epoch's is of smaller images)
-            improved = (record["image_size"] == self.mc.image_size
-                        and record.get("val_acc", -record["train_loss"]) > self.best_acc)
-            if improved:
-                self.best_acc = record.get("val_acc", -record["train_loss"])
-            save_checkpoint(self.out / "last.npz", self.model, self.optimizer, self._meta(epoch))
-            if improved:
-                save_checkpoint(self.out / "best.npz", self.model, None, self._meta(epoch))
-            self._write_metrics()
-            plot_curves(self.history, self.out / "curves.png")
-            self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if self.overwrite:
+            run_folder.clear(self.out)
+            self.overwrite = False
+        remove_temporaries(self.out)          # left by a save that was killed: never read
+        self._saved_at = time.monotonic()
+        with StopSignals() as stop:
+            for epoch in range(self.start_epoch, self.tc.epochs):
+                record = {"epoch": epoch + 1, **self.train_epoch(epoch, stop)}
+                if self.val_loader is not None:
+                    # at the epoch's training size: a model half-way through the small epochs is
+                    # judged on images like the ones it is learning from
+                    val_loss, val_acc, _ = evaluate(self.model, self.val_loader, len(self.classes), self.progress,
+                                                    flip=self.tc.eval_flip, size=self._resize_to(record["image_size"]))
+                    record.update(val_loss=val_loss, val_acc=val_acc)
+                self.history.append(record)
+                # best.npz among the epochs at full size, where the validation score is the one
+                # `minicvt eval` reproduces (a smaller epoch's is of smaller images)
+                improved = (record["image_size"] == self.mc.image_size
+                            and record.get("val_acc", -record["train_loss"]) > self.best_acc)
+                if improved:
+                    self.best_acc = record.get("val_acc", -record["train_loss"])
+                self._save(epoch, improved)
+                self._write_metrics()
+                plot_curves(self.history, self.out / "curves.png")
+                self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in record.items()))
+                if stop.requested and epoch + 1 < self.tc.epochs:
+                    raise Interrupted(f"stopped by {stop.signal_name} after epoch {epoch + 1} of "
+                                      f"{self.tc.epochs}; saved {self.out / 'last.npz'}", stop.signal_number)
         return self.history

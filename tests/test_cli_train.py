@@ -8,7 +8,9 @@ The attention command's own errors and figures are tested in test_viz.py."""
 import contextlib
 import io
 import json
+import os
 import re
+import signal
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,8 @@ import numpy as np
 import pytest
 
 import minicvt
-from minicvt import backend, cli, data, nn
+import minicvt.optim
+from minicvt import backend, checkpoint, cli, data, nn
 from minicvt.checkpoint import load_checkpoint
 from minicvt.models import CvTConfig, build_model, configs, get_config
 from minicvt.train import Trainer
@@ -150,20 +153,26 @@ def test_train_then_eval_prints_the_accuracy_of_a_direct_forward_pass(folder, tm
     assert acc == f"{records[0]['val_acc']:.4f}"
 
 
+def resume_command(out, name):
+    return f"minicvt train --resume --out {out}" + (f" --backend {name}" if name != "numpy" else "")
+
+
 def test_resume_continues_an_interrupted_run(folder, tmp_path, capsys, monkeypatch, xp):
+    """A second Ctrl-C (or one while the data loads) stops at once: the run resumes from its
+    last save, here the end of epoch 1."""
     out, name = tmp_path / "run", backend.get_backend()
     argv = train_argv(folder, out, epochs=2, optimizer="sgd", lr=0.05, limit_train=3,   # 1 step/epoch
                       backend=name)
     real_epoch = Trainer.train_epoch
 
-    def ctrl_c_in_epoch_2(self, epoch):
+    def ctrl_c_in_epoch_2(self, epoch, stop=None):
         if epoch == 1:
             raise KeyboardInterrupt
-        return real_epoch(self, epoch)
+        return real_epoch(self, epoch, stop)
     monkeypatch.setattr(Trainer, "train_epoch", ctrl_c_in_epoch_2)
     assert main(*argv) == 130
     err = capsys.readouterr().err
-    assert err == f"minicvt train: interrupted; continue with: minicvt train --resume --out {out}\n"
+    assert err == f"minicvt train: interrupted; continue with:\n{resume_command(out, name)}\n"
     first = json.loads((out / "metrics.jsonl").read_text())
     assert load_checkpoint(out / "last.npz")[2]["epoch"] == 0
 
@@ -171,12 +180,63 @@ def test_resume_continues_an_interrupted_run(folder, tmp_path, capsys, monkeypat
     # the settings come from the checkpoint; a flag that agrees with them is accepted
     assert main("train", "--resume", "--out", out, "--lr", "0.05", "--quiet", "--backend", name) == 0
     printed = capsys.readouterr().out
-    assert f"resumed from {out / 'last.npz'} after epoch 1" in printed
+    assert f"resumed from {out / 'last.npz'} after epoch 1 of 2" in printed
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and records[0] == first
     _, optim_state, meta = load_checkpoint(out / "last.npz")
     assert meta["epoch"] == 1 and optim_state["steps"] == 2
     assert meta["train_config"]["optimizer"] == "sgd"
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_saves_inside_the_epoch_and_prints_the_resume_command(folder, tmp_path, capsys, monkeypatch,
+                                                                       sig):
+    out = tmp_path / "run"
+    argv = train_argv(folder, out, epochs=2, optimizer="sgd", lr=0.05)      # 2 steps per epoch
+    real_step, steps = minicvt.optim.SGD.step, []
+
+    def step_then_signal(self):
+        real_step(self)
+        steps.append(1)
+        if len(steps) == 3:                                  # epoch 2, step 1
+            os.kill(os.getpid(), getattr(signal, sig))
+    monkeypatch.setattr(minicvt.optim.SGD, "step", step_then_signal)
+    assert main(*argv) == 128 + getattr(signal, sig)
+    captured = capsys.readouterr()
+    # the reason, then the command alone on its own line, on stderr
+    assert captured.err == (f"minicvt train: stopped by {sig} in epoch 2 after step 1 of 2; saved "
+                            f"{out / 'last.npz'}; continue with:\nminicvt train --resume --out {out}\n")
+    meta = load_checkpoint(out / "last.npz")[2]
+    assert meta["position"]["epoch"] == 1 and meta["position"]["step"] == 1
+
+    monkeypatch.undo()
+    assert main("train", "--resume", "--out", out, "--quiet") == 0
+    assert f"resumed from {out / 'last.npz'} in epoch 2 of 2 after step 1 of 2" in capsys.readouterr().out
+    _, optim_state, meta = load_checkpoint(out / "last.npz")
+    assert meta["epoch"] == 1 and meta["position"] is None and optim_state["steps"] == 4
+
+
+def test_train_refuses_a_folder_that_holds_a_run(run, folder, tmp_path, capsys):
+    out = shutil.copytree(run, tmp_path / "run")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    one_line_error(capsys, train_argv(folder, out), str(out), "already holds a run",
+                   f"continue it with: minicvt train --resume --out {out}", "--overwrite")
+    one_line_error(capsys, ["train", "--resume", "--overwrite", "--out", out], "not both")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(*train_argv(folder, out, lr=1e-3), "--overwrite") == 0
+    assert load_checkpoint(out / "last.npz")[2]["train_config"]["lr"] == 1e-3
+
+
+def test_resume_of_a_finished_run_points_to_init_from(run, capsys):
+    one_line_error(capsys, ["train", "--resume", "--out", run], f"the run in {run} has finished",
+                   f"minicvt train --init-from {run / 'last.npz'} --out NEW_FOLDER")
+
+
+@pytest.mark.parametrize("every", ["0", "5h", "x"])
+def test_save_every_that_cannot_be_read(folder, tmp_path, capsys, every):
+    one_line_error(capsys, train_argv(folder, tmp_path / "out", save_every=every), f"--save-every {every!r}")
+    assert not (tmp_path / "out").exists()
 
 
 # -- train and resume errors --------------------------------------------------------------------------
@@ -187,9 +247,21 @@ def test_resume_with_other_flags_names_them(run, capsys):
                    "'model': ('cvt-cifar-s', 'cvt-cifar-m')")
 
 
+def unfinished_copy(run, out):
+    """A copy of the finished one-epoch run `run` whose settings ask for two epochs: a run
+    stopped after its first."""
+    out.mkdir()
+    model_state, optim_state, meta = load_checkpoint(run / "last.npz")
+    meta["train_config"]["epochs"] = 2
+    arrays = {**{f"model/{k}": v for k, v in model_state.items()}, **{f"optim/{k}": np.asarray(v) for k, v in
+                                                                     optim_state.items()}}
+    checkpoint.atomic_savez(out / "last.npz", {**arrays, "meta": np.array(json.dumps(meta))})
+    return out
+
+
 def test_resume_of_a_run_with_another_model_config(run, tmp_path, capsys, monkeypatch):
     # as if cvt-cifar-s had been given other depths since the run was written
-    out = shutil.copytree(run, tmp_path / "run")
+    out = unfinished_copy(run, tmp_path / "run")
     monkeypatch.setitem(configs.CONFIGS, "cvt-cifar-s", replace(configs.CVT_CIFAR_S, depth=(1, 1, 1)))
     one_line_error(capsys, ["train", "--resume", "--out", out], out / "last.npz",
                    "different model configuration", "depth")
@@ -218,7 +290,8 @@ def test_resume_from_a_broken_checkpoint(run, tmp_path, capsys, kind):
     out = tmp_path / "run"
     out.mkdir()
     damage(run / "last.npz", out / "last.npz", kind)
-    one_line_error(capsys, ["train", "--resume", "--out", out], out / "last.npz", DAMAGE[kind])
+    words = ["does not exist: the run saved nothing before it stopped"] if kind == "missing" else [DAMAGE[kind]]
+    one_line_error(capsys, ["train", "--resume", "--out", out], out / "last.npz", *words)
 
 
 BAD_DATA = {"missing": "no such file or directory", "empty": "no .jpg/.jpeg/.png images found",

@@ -2,7 +2,10 @@
 its metrics, curves and checkpoints, resumes an interrupted run to bit-identical weights on CPU,
 stops on a NaN loss keeping the last good checkpoint, refuses a checkpoint of other settings,
 and `evaluate` agrees with a direct forward pass."""
+import errno
 import json
+import os
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -10,10 +13,11 @@ import pytest
 from PIL import Image
 
 from cvt_tiny import tiny_config
-from minicvt import backend, data, nn
+from minicvt import backend, checkpoint, data, nn, run_folder
 from minicvt.checkpoint import CheckpointError, load_checkpoint
 from minicvt.models import build_model
 from minicvt.evaluation import evaluate
+from minicvt.stopping import Interrupted
 from minicvt.train import DivergedError, TrainConfig, Trainer
 
 CLASSES = ["blue", "green", "red"]           # sorted, as the folder loader orders classes
@@ -54,8 +58,9 @@ def tiny_run(folder, **overrides):
     return TrainConfig(**fields)
 
 
-def make_trainer(tc, out, model_config=None):
-    return Trainer(tc, out, model_config=model_config or tiny_config(), progress=False, log=lambda *a: None)
+def make_trainer(tc, out, model_config=None, **options):
+    return Trainer(tc, out, model_config=model_config or tiny_config(), progress=False, log=lambda *a: None,
+                   **options)
 
 
 def untimed(history):
@@ -108,11 +113,16 @@ def _assert_same_state(a, b):
         np.testing.assert_array_equal(oa[k], ob[k], err_msg=k)
 
 
-@pytest.mark.parametrize("optimizer, resolutions", [("adamw", ""), ("sgd", ""), ("adamw", "8:0.34,12:0.33")])
-def test_resume_after_interrupt_is_bit_identical(folder, tmp_path, monkeypatch, optimizer, resolutions):
+@pytest.mark.parametrize("optimizer, resolutions, stop", [
+    ("adamw", "", "SIGINT"), ("sgd", "", "SIGTERM"), ("adamw", "8:0.34,12:0.33", "SIGINT"),
+    ("adamw", "", "kill"), ("sgd", "8:0.34,12:0.33", "kill")])
+def test_resume_after_interrupt_is_bit_identical(folder, tmp_path, monkeypatch, optimizer, resolutions, stop):
     # augmentation, dropout and drop path all draw random numbers: resuming must redraw them.
     # With progressive resizing the three epochs run at 8x8, 12x12 and 16x16: the interrupted
-    # third epoch resumes at its own size, validated with flips
+    # third epoch resumes at its own size, validated with flips.
+    # SIGINT/SIGTERM: the run saves where it is (epoch 3 after step 2) and stops. kill: an
+    # exception that stops it dead in epoch 3's second step, as `kill -9` would; it resumes
+    # from the last save every 3 steps (after run step 9: epoch 3, step 1) and runs step 2 again
     mc = tiny_config(depth=(1, 2), drop_rate=(0.1, 0.1), attn_drop_rate=(0.1, 0.1),
                      drop_path_rate=(0.0, 0.3))
     tc = tiny_run(folder, epochs=3, optimizer=optimizer, lr=1e-2 if optimizer == "adamw" else 0.05,
@@ -120,21 +130,28 @@ def test_resume_after_interrupt_is_bit_identical(folder, tmp_path, monkeypatch, 
     a = make_trainer(tc, tmp_path / "a", mc)
     a.fit()
 
-    # run B: stopped by Ctrl-C after two steps of epoch 3
-    b = make_trainer(tc, tmp_path / "b", mc)
+    b = make_trainer(tc, tmp_path / "b", mc, save_every="3")
     real_step, steps = b.optimizer.step, []
 
-    def step_then_maybe_interrupt():
+    def step_then_maybe_stop():
         real_step()
         steps.append(1)
         if len(steps) == 2 * 4 + 2:                         # 4 steps per epoch
-            raise KeyboardInterrupt
-    monkeypatch.setattr(b.optimizer, "step", step_then_maybe_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+            if stop == "kill":
+                raise SystemExit("killed")
+            os.kill(os.getpid(), getattr(signal, stop))      # handled: the step finishes
+    monkeypatch.setattr(b.optimizer, "step", step_then_maybe_stop)
+    with pytest.raises(SystemExit if stop == "kill" else Interrupted) as stopped:
         b.fit()
-    assert load_checkpoint(tmp_path / "b" / "last.npz")[2]["epoch"] == 1    # epochs 1 and 2 saved
+    meta = load_checkpoint(tmp_path / "b" / "last.npz")[2]
+    assert meta["epoch"] == 1                                  # epochs 1 and 2 finished
+    assert meta["position"]["epoch"] == 2 and meta["position"]["step"] == (1 if stop == "kill" else 2)
+    if stop != "kill":
+        assert stopped.value.exit_code == 128 + getattr(signal, stop)
+        assert f"stopped by {stop} in epoch 3 after step 2 of 4" in str(stopped.value)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler    # the handlers are put back
 
-    resumed = make_trainer(tc, tmp_path / "b", mc)
+    resumed = make_trainer(tc, tmp_path / "b", mc, resuming=True)
     resumed.resume()
     assert resumed.start_epoch == 2
     resumed.fit()
@@ -144,40 +161,175 @@ def test_resume_after_interrupt_is_bit_identical(folder, tmp_path, monkeypatch, 
     assert resumed.best_acc == a.best_acc
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert untimed([json.loads(line) for line in lines]) == untimed(a.history)
+    assert load_checkpoint(tmp_path / "b" / "last.npz")[2]["position"] is None
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(folder, tmp_path, monkeypatch):
-    trainer = make_trainer(tiny_run(folder, epochs=3), tmp_path)
+    trainer = make_trainer(tiny_run(folder, epochs=3), tmp_path, save_every="2")
     real_epoch = trainer.train_epoch
 
-    def poisoned(epoch):
+    def poisoned(epoch, stop=None):
         if epoch == 1:                                       # the second epoch: one NaN weight
             trainer.model.head.weight.data[0, 0] = np.nan
-        return real_epoch(epoch)
+        return real_epoch(epoch, stop)
     monkeypatch.setattr(trainer, "train_epoch", poisoned)
-    with pytest.raises(DivergedError, match=r"loss became nan in epoch 2\b") as err:
+    with pytest.raises(DivergedError, match=r"loss became nan in epoch 2, step 1\b") as err:
         trainer.fit()
-    assert str(tmp_path / "last.npz") in str(err.value)      # it says where the good state is
+    # it names the checkpoint that exists, and where in the run it was saved
+    assert f"the last good checkpoint is {tmp_path / 'last.npz'} (after epoch 1 of 3)" in str(err.value)
     model_state, optim_state, meta = load_checkpoint(tmp_path / "last.npz")
-    assert meta["epoch"] == 0 and len(meta["history"]) == 1
+    assert meta["epoch"] == 0 and len(meta["history"]) == 1 and meta["position"] is None
     assert all(np.isfinite(v).all() for v in model_state.values())
     assert all(np.isfinite(v).all() for v in optim_state.values())
     build_model(tiny_config()).load_state_dict(model_state)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_nan_before_any_save_says_none_was_saved(folder, tmp_path):
+    trainer = make_trainer(tiny_run(folder, epochs=2), tmp_path)
+    trainer.model.head.weight.data[0, 0] = np.nan
+    with pytest.raises(DivergedError, match=r"loss became nan in epoch 1, step 1; no checkpoint was saved yet"):
+        trainer.fit()
+    assert not (tmp_path / "last.npz").exists()
+
+
+def test_weights_that_are_not_finite_are_never_saved(folder, tmp_path, monkeypatch):
+    """The loss of a step is computed before its update: an update that makes a weight NaN is
+    seen by the next loss, or by the check every save makes first."""
+    trainer = make_trainer(tiny_run(folder, epochs=2), tmp_path, save_every="3")
+    real_step, steps = trainer.optimizer.step, []
+
+    def step_then_poison():
+        real_step()
+        steps.append(1)
+        if len(steps) == 3:                                  # the step right before the save
+            trainer.model.head.weight.data[0, 0] = np.inf
+    monkeypatch.setattr(trainer.optimizer, "step", step_then_poison)
+    with pytest.raises(DivergedError, match=r"weights became NaN or infinite in epoch 1, step 3; "
+                                            r"no checkpoint was saved yet"):
+        trainer.fit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_saves_inside_the_epoch_every_n_steps(folder, tmp_path, monkeypatch):
+    saved = []
+    real_save = Trainer._save
+
+    def spy(self, epoch, improved=False, position=None):
+        real_save(self, epoch, improved, position)
+        saved.append((position or {}).get("step"))
+    monkeypatch.setattr(Trainer, "_save", spy)
+    make_trainer(tiny_run(folder, epochs=2), tmp_path, save_every="3").fit()
+    # run steps 3 and 6 (epoch 1 step 3, epoch 2 step 2) and each epoch's end (None)
+    assert saved == [3, None, 2, None]
+
+
+def test_saves_every_few_minutes_by_the_clock(folder, tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr("minicvt.train.time.monotonic", lambda: now[0])
+    trainer = make_trainer(tiny_run(folder, epochs=1), tmp_path, save_every="2m")
+    real_step = trainer.optimizer.step
+
+    def slow_step():
+        real_step()
+        now[0] += 50.0                                       # 50 s per step
+    monkeypatch.setattr(trainer.optimizer, "step", slow_step)
+    saved = []
+    real_save = trainer._save
+    monkeypatch.setattr(trainer, "_save", lambda epoch, improved=False, position=None:
+                        (real_save(epoch, improved, position), saved.append((position or {}).get("step"))))
+    trainer.fit()
+    assert saved == [3, None]                                # 150 s >= 2 minutes after step 3; the end
+
+
+@pytest.mark.parametrize("text, expected", [("5m", (None, 300.0)), ("90s", (None, 90.0)), ("200", (200, None)),
+                                            ("1.5min", (None, 90.0))])
+def test_save_every_reads_minutes_seconds_and_steps(text, expected):
+    assert run_folder.parse_save_every(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "2.5", "5h", "m", ""])
+def test_save_every_refuses_what_it_cannot_read(text):
+    with pytest.raises(ValueError, match="--save-every"):
+        run_folder.parse_save_every(text)
+
+
+def test_a_folder_that_holds_a_run_is_never_overwritten(folder, tmp_path):
+    tc = tiny_run(folder, epochs=1)
+    make_trainer(tc, tmp_path).fit()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(run_folder.RunFolderError, match=r"already holds a run \(last.npz, best.npz, "
+                                                        r"metrics.jsonl\); continue it with: minicvt train "
+                                                        r"--resume .* add --overwrite"):
+        make_trainer(replace(tc, lr=1e-2), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # --overwrite deletes the old run's files before the new one writes its own
+    (tmp_path / "notes.txt").write_text("mine")
+    trainer = make_trainer(replace(tc, lr=1e-2, epochs=2), tmp_path, overwrite=True)
+    (tmp_path / "best.npz").write_bytes(b"stale")            # a best.npz the new run never beats
+    trainer.best_acc = 2.0
+    trainer.fit()
+    assert not (tmp_path / "best.npz").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # what minicvt did not write stays
+    assert load_checkpoint(tmp_path / "last.npz")[2]["train_config"]["lr"] == 1e-2
+
+
+def test_a_folder_left_before_the_first_save_is_reused(folder, tmp_path):
+    (tmp_path / ".last.npz.k3j2.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")   # a killed save
+    make_trainer(tiny_run(folder, epochs=1), tmp_path).fit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.npz", "curves.png", "last.npz", "metrics.jsonl"]
+
+
+def test_resume_of_a_finished_run_points_to_init_from(folder, tmp_path):
+    tc = tiny_run(folder, epochs=1)
+    make_trainer(tc, tmp_path).fit()
+    with pytest.raises(run_folder.RunFolderError, match=r"has finished \(all 1 epochs\); to train it further, "
+                                                        r"start a new run from its weights: minicvt train "
+                                                        r"--init-from .*last.npz --out NEW_FOLDER"):
+        make_trainer(tc, tmp_path, resuming=True).resume()
+
+
+def test_resume_with_nothing_saved(folder, tmp_path):
+    with pytest.raises(run_folder.RunFolderError, match="last.npz does not exist: the run saved nothing"):
+        make_trainer(tiny_run(folder), tmp_path, resuming=True).resume()
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(folder, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_run(folder, epochs=2), tmp_path, save_every="2")
+    real_savez, saves = np.savez, []
+
+    def savez_until_the_disk_fills(f, **arrays):
+        saves.append(1)
+        if len(saves) == 3:                                  # the third save: half written, then ENOSPC
+            f.write(b"PK\x03\x04" + bytes(1000))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_savez(f, **arrays)
+    monkeypatch.setattr(np, "savez", savez_until_the_disk_fills)
+    with pytest.raises(checkpoint.SaveError) as err:
+        trainer.fit()
+    message = str(err.value)
+    assert "\n" not in message and err.value.errno == errno.ENOSPC
+    assert message == (f"cannot write {tmp_path / 'last.npz'}: No space left on device; "
+                       f"its previous version is intact")
+    monkeypatch.undo()
+    # saves 1 and 2: after step 2, and the end of epoch 1 (best.npz); the third was last.npz's
+    meta = load_checkpoint(tmp_path / "last.npz")[2]
+    assert meta["position"] == {**meta["position"], "epoch": 0, "step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.npz", "last.npz"]   # no temporary
+
+
 def test_resume_refuses_other_settings(folder, tmp_path):
     tc = tiny_run(folder, epochs=2)
     trainer = make_trainer(tc, tmp_path)
-    trainer.train_epoch = lambda epoch: (_ for _ in ()).throw(KeyboardInterrupt) if epoch else \
-        Trainer.train_epoch(trainer, epoch)
+    trainer.train_epoch = lambda epoch, stop=None: (_ for _ in ()).throw(KeyboardInterrupt) if epoch else \
+        Trainer.train_epoch(trainer, epoch, stop)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()                                        # one epoch saved
     with pytest.raises(CheckpointError, match=r"'lr': \(0\.003, 0\.01\)"):
-        make_trainer(replace(tc, lr=1e-2), tmp_path).resume()
+        make_trainer(replace(tc, lr=1e-2), tmp_path, resuming=True).resume()
     with pytest.raises(CheckpointError, match=r"model configuration.*dim_embed"):
-        make_trainer(tc, tmp_path, tiny_config(dim_embed=(4, 12), num_heads=(1, 3))).resume()
-    same = make_trainer(tc, tmp_path)
+        make_trainer(tc, tmp_path, tiny_config(dim_embed=(4, 12), num_heads=(1, 3)), resuming=True).resume()
+    same = make_trainer(tc, tmp_path, resuming=True)
     same.resume()                                            # the same settings are accepted
     assert same.start_epoch == 1
 

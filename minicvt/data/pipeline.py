@@ -95,7 +95,8 @@ class Loader:
     horizontal flip) when augment, batch i's draws from the stream keyed (seed, 'augment', e, i).
     The last partial batch is kept unless drop_last.
     `epoch(e, size=S)` resizes each batch to S×S after augmenting it at the images' own size
-    (so the crop's padding shrinks with the image).
+    (so the crop's padding shrinks with the image); `epoch(e, start=i)` begins at batch i, the
+    same batches as the whole epoch's from there on.
     """
 
     def __init__(self, images, labels, batch_size, mean, std, shuffle=False, augment=False,
@@ -117,11 +118,12 @@ class Loader:
         n, b = len(self.labels), self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
-    def epoch(self, e, size=None):
+    def epoch(self, e, size=None, start=0):
+        """The batches of epoch e, from batch `start` on (a run resumed inside the epoch)."""
         n = len(self.labels)
         order = np.random.default_rng([self.seed, e]).permutation(n) if self.shuffle else np.arange(n)
         rng = backend.BackendRNG(self.seed, "augment")
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             rng.at(e, i)                            # the crops and flips of batch i depend on (seed, e, i)
             idx = backend.to_device(order[i * self.batch_size:(i + 1) * self.batch_size])
             x = normalize(self.images[idx], self.mean, self.std, self.dtype)

@@ -1,7 +1,7 @@
 """The training curves a run draws after every epoch (curves.png): loss and accuracy per
 epoch, train and validation, with the image size marked where progressive resizing changes it.
 matplotlib is imported when a figure is drawn, with the Agg backend (no display needed)."""
-from pathlib import Path
+from ..checkpoint import atomic_write
 
 
 def plot_curves(history, path):
@@ -33,7 +33,7 @@ def plot_curves(history, path):
                         fontsize=8, color="gray")
         ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
