@@ -167,6 +167,7 @@ class Trainer:
         self.start_epoch, self.best_acc, self.history = 0, -1.0, []
         self.position = None          # where resume() found a run stopped inside an epoch
         self.last_saved = None        # "DIR/last.npz (after epoch 3 of 24)": named when a run fails
+        self._saved_at = time.monotonic()                  # --save-every's clock
         if tc.minutes and not resuming:       # a resumed run keeps the epochs its plan fixed
             seconds = tc.minutes * 60 - (time.perf_counter() - began)
             self.tc = replace(tc, epochs=plan_epochs(seconds, tc, self.mc, self.train_loader, self.val_loader,

@@ -6,6 +6,7 @@ run and refuses other settings, and every error (bad data, a corrupt or foreign 
 missing backend, an unknown config) is one line on stderr and exit code 2, never a traceback.
 The attention command's own errors and figures are tested in test_viz.py."""
 import contextlib
+import errno
 import io
 import json
 import os
@@ -190,9 +191,9 @@ def test_resume_continues_an_interrupted_run(folder, tmp_path, capsys, monkeypat
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_saves_inside_the_epoch_and_prints_the_resume_command(folder, tmp_path, capsys, monkeypatch,
-                                                                       sig):
-    out = tmp_path / "run"
-    argv = train_argv(folder, out, epochs=2, optimizer="sgd", lr=0.05)      # 2 steps per epoch
+                                                                       sig, xp):
+    out, name = tmp_path / "run", backend.get_backend()
+    argv = train_argv(folder, out, epochs=2, optimizer="sgd", lr=0.05, backend=name)    # 2 steps per epoch
     real_step, steps = minicvt.optim.SGD.step, []
 
     def step_then_signal(self):
@@ -205,12 +206,12 @@ def test_a_signal_saves_inside_the_epoch_and_prints_the_resume_command(folder, t
     captured = capsys.readouterr()
     # the reason, then the command alone on its own line, on stderr
     assert captured.err == (f"minicvt train: stopped by {sig} in epoch 2 after step 1 of 2; saved "
-                            f"{out / 'last.npz'}; continue with:\nminicvt train --resume --out {out}\n")
+                            f"{out / 'last.npz'}; continue with:\n{resume_command(out, name)}\n")
     meta = load_checkpoint(out / "last.npz")[2]
     assert meta["position"]["epoch"] == 1 and meta["position"]["step"] == 1
 
     monkeypatch.undo()
-    assert main("train", "--resume", "--out", out, "--quiet") == 0
+    assert main("train", "--resume", "--out", out, "--quiet", "--backend", name) == 0
     assert f"resumed from {out / 'last.npz'} in epoch 2 of 2 after step 1 of 2" in capsys.readouterr().out
     _, optim_state, meta = load_checkpoint(out / "last.npz")
     assert meta["epoch"] == 1 and meta["position"] is None and optim_state["steps"] == 4
@@ -231,6 +232,30 @@ def test_train_refuses_a_folder_that_holds_a_run(run, folder, tmp_path, capsys):
 def test_resume_of_a_finished_run_points_to_init_from(run, capsys):
     one_line_error(capsys, ["train", "--resume", "--out", run], f"the run in {run} has finished",
                    f"minicvt train --init-from {run / 'last.npz'} --out NEW_FOLDER")
+
+
+def test_a_full_disk_is_one_line_and_loses_nothing(folder, tmp_path, capsys, monkeypatch):
+    """ENOSPC injected into the third save (the end of epoch 1's last.npz, after best.npz): the
+    error names the file, the run exits 2, the save before is intact, no temporary is left."""
+    out = tmp_path / "run"
+    real_savez, saves = np.savez, []
+
+    def savez_until_the_disk_fills(f, **arrays):
+        saves.append(1)
+        if len(saves) == 3:
+            f.write(b"PK\x03\x04" + bytes(4096))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_savez(f, **arrays)
+    monkeypatch.setattr(np, "savez", savez_until_the_disk_fills)
+    assert main(*train_argv(folder, out, epochs=2, save_every=1)) == 2
+    err = capsys.readouterr().err
+    assert err == (f"minicvt train: error: cannot write {out / 'last.npz'}: No space left on device; "
+                   f"its previous version is intact\n")
+    monkeypatch.undo()
+    assert load_checkpoint(out / "last.npz")[2]["position"]["step"] == 1      # the save after step 1
+    assert sorted(p.name for p in out.iterdir()) == ["best.npz", "last.npz"]
+    with contextlib.redirect_stdout(io.StringIO()):          # once there is space again, it resumes
+        assert main("train", "--resume", "--out", out, "--quiet") == 0
 
 
 @pytest.mark.parametrize("every", ["0", "5h", "x"])

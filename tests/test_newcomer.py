@@ -100,6 +100,7 @@ def test_runs_written_before_a_setting_existed_still_resume(run, tmp_path, capsy
     shutil.copytree(run, out)
     state, optim, meta = load_checkpoint(out / "last.npz")
     del meta["train_config"]["init_from"]
+    meta["train_config"]["epochs"] = 2                 # stopped after its first epoch
     model = minicvt.models.build_model(minicvt.models.CvTConfig.from_json(json.dumps(meta["model_config"])))
     model.load_state_dict(state)
 
@@ -117,10 +118,10 @@ def test_resuming_a_run_started_from_weights_does_not_read_them_again(folder, tm
     assert main(*train_argv(folder, start)) == 0
     out, real_epoch = tmp_path / "more", Trainer.train_epoch
 
-    def ctrl_c_in_epoch_2(self, epoch):
+    def ctrl_c_in_epoch_2(self, epoch, stop=None):
         if epoch == 1:
             raise KeyboardInterrupt
-        return real_epoch(self, epoch)
+        return real_epoch(self, epoch, stop)
     monkeypatch.setattr(Trainer, "train_epoch", ctrl_c_in_epoch_2)
     assert main(*train_argv(folder, out, epochs=2), "--init-from", start / "last.npz") == 130
     monkeypatch.undo()

@@ -172,8 +172,8 @@ def test_checkpoints_from_before_the_recipe_keep_their_behaviour(folder, tmp_pat
     without flips: resuming it must go on that way, not switch to the new defaults."""
     tc = tiny_run(folder, epochs=2)
     trainer = make_trainer(tc, tmp_path)
-    trainer.train_epoch = lambda epoch: (_ for _ in ()).throw(KeyboardInterrupt) if epoch else \
-        type(trainer).train_epoch(trainer, epoch)
+    trainer.train_epoch = lambda epoch, stop=None: (_ for _ in ()).throw(KeyboardInterrupt) if epoch else \
+        type(trainer).train_epoch(trainer, epoch, stop)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     model_state, optim_state, meta = load_checkpoint(tmp_path / "last.npz")
@@ -186,7 +186,7 @@ def test_checkpoints_from_before_the_recipe_keep_their_behaviour(folder, tmp_pat
     save_checkpoint(tmp_path / "last.npz", model, opt, meta)
     old = TrainConfig.from_saved(meta["train_config"])
     assert old.resolutions == "" and old.eval_flip is False
-    resumed = make_trainer(old, tmp_path)
+    resumed = make_trainer(old, tmp_path, resuming=True)
     resumed.resume()
     assert resumed.fit()[-1]["image_size"] == 16
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["epoch"] == 2
@@ -207,6 +207,9 @@ class FakeClock:
 
     def perf_counter(self):
         self.now += self.tick
+        return self.now
+
+    def monotonic(self):          # the trainer's clock for --save-every: read without a tick
         return self.now
 
 
@@ -273,6 +276,7 @@ def test_an_old_run_resumes_from_the_command_line_with_its_own_settings(folder, 
     model_state, optim_state, meta = load_checkpoint(out / "last.npz")
     for key in ("resolutions", "eval_flip", "minutes"):      # as an older minicvt wrote it
         del meta["train_config"][key]
+    meta["train_config"]["epochs"] = 2                       # stopped after its first epoch
     model = build_model(CvTConfig(**meta["model_config"]))
     model.load_state_dict(model_state)
     from minicvt.optim import AdamW
