@@ -247,7 +247,7 @@ def test_a_full_disk_is_one_line_and_loses_nothing(folder, tmp_path, capsys, mon
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_savez(f, **arrays)
     monkeypatch.setattr(np, "savez", savez_until_the_disk_fills)
-    assert main(*train_argv(folder, out, epochs=2, save_every=1)) == 2
+    assert main(*train_argv(folder, out, epochs=2, save_every=1, resolutions="")) == 2
     err = capsys.readouterr().err
     assert err == (f"minicvt train: error: cannot write {out / 'last.npz'}: No space left on device; "
                    f"its previous version is intact\n")
