@@ -118,6 +118,38 @@ class DivergedError(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class EpochSums:
+    """An epoch's running sums of the training loss, correct answers and bad labels, kept on
+    the device: reading one back waits for the GPU, so they are read together, once per
+    logging interval, not every step. Also the images seen and the seconds spent. A checkpoint
+    inside the epoch stores them (`state`) and a resumed epoch starts from them (`saved`):
+    float64 both ways, so its mean loss is bit for bit the uninterrupted run's."""
+
+    def __init__(self, saved=None):
+        saved, xp = saved or {}, backend.xp()
+        self.loss_sum, self.correct, self.bad = (xp.asarray(saved.get(k, 0.0), dtype=xp.float64)
+                                                 for k in ("loss_sum", "correct", "bad"))
+        self.seen, self.earlier, self.start = saved.get("seen", 0), saved.get("seconds", 0.0), time.perf_counter()
+
+    def add(self, loss, logits, y, num_classes):
+        """One step's loss (scalar), logits (B, K) and labels (B,)."""
+        self.loss_sum += loss * len(y)
+        self.correct += (logits.argmax(axis=1) == y).sum()
+        self.bad += F.label_errors(y, num_classes)
+        self.seen += len(y)
+
+    def seconds(self):
+        return self.earlier + time.perf_counter() - self.start
+
+    def read(self):
+        """(loss sum, correct, bad labels) as host floats, in one read-back."""
+        return backend.read_back(self.loss_sum, self.correct, self.bad)
+
+    def state(self):
+        loss_sum, correct, bad = self.read()
+        return {"loss_sum": loss_sum, "correct": correct, "bad": bad, "seen": self.seen, "seconds": self.seconds()}
+
+
 class Trainer:
     """Holds the data, model, optimiser and output folder of one run."""
 
@@ -219,8 +251,8 @@ class Trainer:
 
     def _last_good(self):
         if self.last_saved is None:
-            return "no checkpoint was saved yet (try a lower --lr)"
-        return f"the last good checkpoint is {self.last_saved} (try a lower --lr)"
+            return "no checkpoint was saved yet; try a lower --lr"
+        return f"the last good checkpoint is {self.last_saved}; try a lower --lr"
 
     def resume(self):
         """Continue from out/last.npz: weights, optimiser state, history, and where it stopped
@@ -274,23 +306,16 @@ class Trainer:
         the epoch's record (its image size, mean training loss and accuracy, seconds, images
         per second, last learning rate). stop: a StopSignals, looked at after every step."""
         tc, model, optimizer, criterion = self.tc, self.model, self.optimizer, self.criterion
+        stop = stop or StopSignals()                   # (one never entered is never requested)
         model.train()
         steps = len(self.train_loader)
         total_steps, warmup = tc.epochs * steps, int(round(tc.warmup_epochs * steps))
         size = tc.train_size(epoch, self.mc.image_size)
-        xp = backend.xp()
-        # running sums stay on the device: reading one back waits for the GPU, so they are read
-        # together once per logging interval, not every step. A run resumed inside this epoch
-        # starts from the sums its checkpoint holds (float64 both ways: bit for bit the same)
-        first, sums = 0, {"loss_sum": 0.0, "correct": 0.0, "bad": 0.0, "seen": 0, "seconds": 0.0}
-        if self.position and self.position["epoch"] == epoch:
-            first, sums = self.position["step"], self.position
+        resumed = self.position if self.position and self.position["epoch"] == epoch else None
         self.position = None
-        loss_sum, correct, bad = (xp.asarray(sums[k], dtype=xp.float64) for k in ("loss_sum", "correct", "bad"))
-        seen, earlier = sums["seen"], sums["seconds"]
+        first, sums = (resumed["step"] if resumed else 0), EpochSums(resumed)
         bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{tc.epochs} at {size}x{size}",
                    disable=not self.progress, leave=False)
-        start = time.perf_counter()
         batches = self.train_loader.epoch(epoch, self._resize_to(size), start=first)
         for i, (x, y) in enumerate(batches, start=first):
             optimizer.lr = schedules.cosine_lr(epoch * steps + i, total_steps, tc.lr, warmup, tc.min_lr)
@@ -303,48 +328,41 @@ class Trainer:
                 clip_grad_norm(model.parameters(), tc.clip_grad)
             optimizer.step()
 
-            loss_sum += loss * len(y)
-            correct += (logits.argmax(axis=1) == y).sum()
-            bad += F.label_errors(y, self.mc.num_classes)
-            seen += len(y)
+            sums.add(loss, logits, y, self.mc.num_classes)
             # the first step too: the bar shows the loss from its first update
             if i == first or i % self.log_every == self.log_every - 1 or i == steps - 1:
-                train_loss, train_acc = self._read_progress(epoch, i, loss_sum, correct, bad, seen)
+                train_loss, train_acc = self._read_progress(epoch, i, sums)
                 bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}",
-                                img_s=f"{seen / (time.perf_counter() - start + earlier):.0f}")
+                                img_s=f"{sums.seen / sums.seconds():.0f}")
             bar.update(1)
-            stopping = stop is not None and stop.requested
-            # the epoch's last step is saved with the epoch, after its validation
-            if i < steps - 1 and (stopping or self._save_due(epoch * steps + i)):
-                self._read_progress(epoch, i, loss_sum, correct, bad, seen)   # no NaN is saved
-                loss_host, correct_host, bad_host = backend.read_back(loss_sum, correct, bad)
-                self._save(epoch - 1, position={
-                    "epoch": epoch, "step": i + 1, "loss_sum": loss_host, "correct": correct_host,
-                    "bad": bad_host, "seen": seen, "seconds": earlier + time.perf_counter() - start})
-                if stopping:
+            # (the epoch's last step is saved with the epoch, after its validation)
+            if i < steps - 1 and (stop.requested or self._save_due(epoch * steps + i)):
+                self._read_progress(epoch, i, sums)     # a NaN loss stops the run, unsaved
+                self._save(epoch - 1, position={"epoch": epoch, "step": i + 1, **sums.state()})
+                if stop.requested:
                     bar.close()
                     raise Interrupted(f"stopped by {stop.signal_name} in epoch {epoch + 1} after step {i + 1} "
                                       f"of {steps}; saved {self.out / 'last.npz'}", stop.signal_number)
         backend.synchronize()
         bar.close()
-        seconds = earlier + time.perf_counter() - start
+        seconds = sums.seconds()
         return {"image_size": size, "train_loss": train_loss, "train_acc": train_acc,
-                "seconds": seconds, "images_per_s": seen / seconds, "lr": optimizer.lr}
+                "seconds": seconds, "images_per_s": sums.seen / seconds, "lr": optimizer.lr}
 
-    def _read_progress(self, epoch, step, loss_sum, correct, bad, seen):
-        """(mean loss, accuracy) of the epoch's first `seen` images, from the device's running
-        sums in one read-back; a label outside the classes or a loss that is not finite stops
-        the run here."""
-        host_loss, host_correct, host_bad = backend.read_back(loss_sum, correct, bad)
+    def _read_progress(self, epoch, step, sums):
+        """(mean loss, accuracy) of the epoch's images so far, from the device's running sums
+        in one read-back; a label outside the classes or a loss that is not finite stops the
+        run here."""
+        loss_sum, correct, bad = sums.read()
         K = self.mc.num_classes
-        if host_bad:
-            raise ValueError(f"{int(host_bad)} training labels of epoch {epoch + 1} (up to step "
+        if bad:
+            raise ValueError(f"{int(bad)} training labels of epoch {epoch + 1} (up to step "
                              f"{step + 1}) lie outside [0, {K}); the labels must be class indices")
-        mean_loss = host_loss / seen
+        mean_loss = loss_sum / sums.seen
         if not math.isfinite(mean_loss):
             raise DivergedError(f"loss became {mean_loss} in epoch {epoch + 1}, step {step + 1}; "
                                 f"{self._last_good()}")
-        return mean_loss, host_correct / seen
+        return mean_loss, correct / sums.seen
 
     def fit(self):
         """Train from start_epoch to the end; -> the history. SIGINT or SIGTERM stops it after
