@@ -117,3 +117,29 @@ def test_checkpoint_gets_the_usual_file_mode(tmp_path):
         assert stat.S_IMODE((tmp_path / "c.npz").stat().st_mode) == 0o644
     finally:
         os.umask(old)
+
+
+def test_a_save_flushes_the_file_then_the_folder_after_the_rename(tmp_path, monkeypatch):
+    """Without the folder's fsync, a power cut after the rename may bring back the old name."""
+    import os
+    import stat
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    checkpoint.atomic_savez(tmp_path / "w.npz", {"w": np.zeros(3)})
+    assert events == ["fsync file", "rename", "fsync folder"]
+
+
+def test_temporaries_of_killed_saves_are_removed_and_nothing_else(tmp_path):
+    for name in (".last.npz.x1y2.tmp", ".metrics.jsonl.abc.tmp", "last.npz", "notes.tmp", ".hidden"):
+        (tmp_path / name).write_bytes(b"x")
+    assert checkpoint.remove_temporaries(tmp_path) == [".last.npz.x1y2.tmp", ".metrics.jsonl.abc.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "last.npz", "notes.tmp"]
