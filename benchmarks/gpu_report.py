@@ -66,6 +66,7 @@ def commands(args, out):
     """{stage: argv}; the dry run's are the same commands, shrunk."""
     py = sys.executable
     minicvt = [py, "-m", "minicvt"]
+    # (train --overwrite: a report run again into the same folder starts its training over)
     if args.dry_run:
         data = args.data or str(write_tiny_folder(out / "dry-data"))
         return {
@@ -76,7 +77,7 @@ def commands(args, out):
                      "--json", str(out / "step.json")],
             "train": minicvt + ["train", "--backend", "cupy", "--data", data, "--epochs", "1",
                                 "--batch-size", "4", "--val-size", "6", "--quiet", "--out", str(out / "train"),
-                                "--cache-dir", str(out / "cache")],
+                                "--overwrite", "--cache-dir", str(out / "cache")],
         }
     return {
         "tests": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cupy and not emulat"],
@@ -84,7 +85,7 @@ def commands(args, out):
         "step": [py, "benchmarks/step_vs_torch.py", "--backend", "cupy", "--tf32", "--batch-size", "128",
                  "512", "--repeats", "10", "--warmup", "3", "--json", str(out / "step.json")],
         "train": minicvt + ["train", "--backend", "cupy", "--data", args.data, "--epochs", "1", "--quiet",
-                            "--out", str(out / "train"), "--cache-dir", str(out / "cache")],
+                            "--out", str(out / "train"), "--overwrite", "--cache-dir", str(out / "cache")],
     }
 
 
