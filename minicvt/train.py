@@ -10,7 +10,7 @@ The loop itself is the five lines every trainer has (`Trainer.train_epoch`):
 
 Around it, what a real run needs: the learning rate set every step and the image size every
 epoch (schedules.py: cosine with warm-up, progressive resizing), running sums of the loss read
-back from the device once per logging interval, a stop on a NaN loss or a bad label, and after
+back from the device every 2 seconds for the progress bar, a stop on a NaN loss or a bad label, and after
 every epoch an evaluation (evaluation.py), metrics appended to metrics.jsonl, curves drawn to
 curves.png (viz/curves.py), and atomic checkpoints (checkpoint.py): best.npz when validation
 accuracy improves, then last.npz. last.npz is also written inside an epoch, every few minutes
@@ -154,13 +154,13 @@ class Trainer:
     """Holds the data, model, optimiser and output folder of one run."""
 
     def __init__(self, tc, out_dir, model_config=None, progress=True, log=print, cache_dir=None,
-                 log_every=20, resuming=False, overwrite=False, save_every=run_folder.DEFAULT_SAVE_EVERY):
+                 log_seconds=2.0, resuming=False, overwrite=False, save_every=run_folder.DEFAULT_SAVE_EVERY):
         """resuming: the weights will come from resume(), so tc.init_from is not read again
         (it may have moved since the run began). Otherwise out_dir must not hold a run, unless
         overwrite (fit() then deletes it first). save_every: how often last.npz is written
         inside an epoch, '5m', '90s' or a number of steps (run_folder.parse_save_every)."""
         began = time.perf_counter()           # a --minutes budget counts the data loading too
-        self.tc, self.out, self.log_every = tc, Path(out_dir), log_every
+        self.tc, self.out, self.log_seconds = tc, Path(out_dir), log_seconds
         self.progress, self.log = progress, log
         self.save_steps, self.save_seconds = run_folder.parse_save_every(save_every)
         self.overwrite = overwrite and not resuming
@@ -316,7 +316,7 @@ class Trainer:
         first, sums = (resumed["step"] if resumed else 0), EpochSums(resumed)
         bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{tc.epochs} at {size}x{size}",
                    disable=not self.progress, leave=False)
-        batches = self.train_loader.epoch(epoch, self._resize_to(size), start=first)
+        batches, read_at = self.train_loader.epoch(epoch, self._resize_to(size), start=first), time.monotonic()
         for i, (x, y) in enumerate(batches, start=first):
             optimizer.lr = schedules.cosine_lr(epoch * steps + i, total_steps, tc.lr, warmup, tc.min_lr)
             model.drop_rng.at(epoch, i)                  # this step's dropout masks: keyed (seed, epoch, i)
@@ -329,8 +329,10 @@ class Trainer:
             optimizer.step()
 
             sums.add(loss, logits, y, self.mc.num_classes)
-            # the first step too: the bar shows the loss from its first update
-            if i == first or i % self.log_every == self.log_every - 1 or i == steps - 1:
+            # every log_seconds of the host's time, and at the first step (the bar shows the
+            # loss from its first update) and the last: one read-back each, never one a step
+            if i == first or i == steps - 1 or time.monotonic() - read_at >= self.log_seconds:
+                read_at = time.monotonic()
                 train_loss, train_acc = self._read_progress(epoch, i, sums)
                 bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}",
                                 img_s=f"{sums.seen / sums.seconds():.0f}")

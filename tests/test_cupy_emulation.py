@@ -9,6 +9,9 @@ transfer at all, and the trainer reading back once per logging interval.
 """
 import json
 
+import time
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -278,15 +281,22 @@ def test_one_random_generator_per_step(emulated_cupy):
     assert emulated_cupy.generators_made - made == 2
 
 
-def test_the_trainer_reads_back_once_per_logging_interval(emulated_cupy, tmp_path):
-    """An epoch of 4 steps logging every 2 reads the device 3 times, at steps 1, 2 and 4 (loss,
-    accuracy and the bad-label count in one transfer each time); evaluation once at the end,
-    however many batches."""
+def test_the_trainer_reads_back_once_per_logging_interval(emulated_cupy, tmp_path, monkeypatch):
+    """An epoch of 4 steps of 1 s each, logging every 2 s, reads the device 3 times: at steps 1,
+    3 and 4 (loss, accuracy and the bad-label count in one transfer each time); evaluation once
+    at the end, however many batches."""
     from test_train import make_trainer, tiny_run, write_image_folder
     from minicvt.evaluation import evaluate
     folder = write_image_folder(tmp_path / "images")
-    trainer = make_trainer(tiny_run(folder, epochs=1, eval_batch_size=4), tmp_path / "run")
-    trainer.log_every = 2
+    trainer = make_trainer(tiny_run(folder, epochs=1, eval_batch_size=4), tmp_path / "run", log_seconds=2.0)
+    now, real_step = [0.0], trainer.optimizer.step
+
+    def one_second_step():
+        real_step()
+        now[0] += 1.0
+    monkeypatch.setattr(trainer.optimizer, "step", one_second_step)
+    # the trainer's clock only (time.monotonic itself stays: others read it too)
+    monkeypatch.setattr("minicvt.train.time", SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter))
     with emulated_cupy.counting() as made:
         record = trainer.train_epoch(0)
     assert sum(made.values()) == 3 and all("minicvt/train.py" in site for site, _ in made)

@@ -143,6 +143,33 @@ def test_wrong_input_shapes_are_named_as_given(shape, words):
         model(np.zeros(shape, np.float32))
 
 
+def test_input_that_is_not_normalised_float_images_is_refused_at_the_door():
+    model = minicvt.build_model("cvt-cifar-s")
+    with pytest.raises(ValueError, match=r"cvt-cifar-s: input must be an array of images \(N, C, H, W\), got a "
+                                         r"list; give np.asarray\(x, dtype=np.float32\)$"):
+        model([[1, 2, 3]])
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 3, 32, 32))
+    for given in (pixels.astype(np.uint8), pixels):
+        with pytest.raises(ValueError, match=rf"input is {given.dtype} pixels, but the model takes normalised "
+                                             r"float images; use model.predict\(images\)"):
+            model(given)
+    with pytest.raises(ValueError, match=r"input holds values up to 255, which look like pixels on a 0..255 "
+                                         r"scale; the model takes normalised images: use model.predict"):
+        model(np.full((1, 3, 32, 32), 255.0, np.float32))
+    # pixels on 0..1 cannot be told from normalised images: accepted (the docstring says so)
+    assert model(pixels.astype(np.float32) / 255).shape == (2, 10)
+
+
+def test_another_float_dtype_is_cast_to_the_models():
+    model = minicvt.build_model("cvt-cifar-s").eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32))
+    with minicvt.nn.no_grad():
+        logits64 = model(x)                                   # float64 into a float32 model
+        logits32 = model(x.astype(np.float32))
+    assert logits64.dtype == np.float32
+    np.testing.assert_array_equal(logits64, logits32)
+
+
 def test_an_unreadable_image_is_named_without_internals(tmp_path):
     root = tmp_path / "imgs"
     (root / "cat").mkdir(parents=True)

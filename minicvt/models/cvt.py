@@ -123,9 +123,34 @@ class ConvolutionalVisionTransformer(nn.Module):
     def stages(self):
         return [getattr(self, f"stage{i}") for i in range(self.config.num_stages)]
 
+    # values beyond this many standard deviations from the mean are no normalised pixels: the
+    # normalised range of CIFAR-10 or ImageNet images is about [-2.5, 2.7]
+    LARGEST_INPUT = 20.0
+
+    def __call__(self, x):
+        """The raw forward: x (N, in_chans, H, W), float images already NORMALISED as the model
+        was trained ((pixel / 255 - model.normalization['mean']) / ['std'], per channel) ->
+        logits (N, num_classes). For image files or uint8 pixels use `model.predict`.
+
+        Checked at the door, in one line each: an array of N images of the model's channels; not
+        uint8 or other integer pixels; not floats on a 0..255 scale (a check that reads the
+        batch's largest value back, which the training loop, calling `forward`, does not pay).
+        Pixels scaled to 0..1 but not normalised cannot be told from normalised input: they
+        give wrong answers silently. A float batch of another dtype is cast to the model's: a
+        float64 batch into a float32 model computes in float32 (PyTorch would refuse; the
+        answer is the model's either way, so minicvt casts)."""
+        x = self._check_input(x)
+        xp = backend.get_array_module(x)
+        largest = float(xp.abs(x).max()) if x.size else 0.0
+        if largest > self.LARGEST_INPUT:
+            raise ValueError(f"{self.config.name}: input holds values up to {largest:.4g}, which look like "
+                             f"pixels on a 0..255 scale; the model takes normalised images: use "
+                             f"model.predict(images) for image files or uint8 arrays")
+        return super().__call__(x)
+
     def forward(self, x):
-        """x (N, in_chans, H, W) images -> logits (N, num_classes)."""
-        self._check_input(x)
+        """x (N, in_chans, H, W) normalised images -> logits (N, num_classes)."""
+        x = self._check_input(x)
         cls = None
         for stage in self.stages():
             x, cls = stage(x)                               # (N, C_i, H_i, W_i), (N, 1, C_i) or None
@@ -138,9 +163,18 @@ class ConvolutionalVisionTransformer(nn.Module):
         return self.head(feats)                             # (N, K)
 
     def _check_input(self, x):
-        """Refuse what is not a batch of images of the model's channels, in the user's terms
-        (the layers below see a channels-last layout the user never gave)."""
+        """Refuse what is not a batch of float images of the model's channels, in the user's
+        terms (the layers below see a channels-last layout the user never gave); -> x, cast to
+        the model's dtype if it is another float."""
         C, name, shape = self.config.in_chans, self.config.name, tuple(getattr(x, "shape", ()))
+        if not hasattr(x, "dtype"):
+            raise ValueError(f"{name}: input must be an array of images (N, C, H, W), got a "
+                             f"{type(x).__name__}; give np.asarray(x, dtype=np.float32)")
+        if x.dtype.kind in "biu":
+            raise ValueError(f"{name}: input is {x.dtype} pixels, but the model takes normalised float "
+                             f"images; use model.predict(images) for image files or uint8 arrays")
+        if x.dtype.kind != "f":
+            raise ValueError(f"{name}: input must be float images (N, C, H, W), got dtype {x.dtype}")
         if len(shape) != 4:
             hint = "; a single image needs a batch axis: x[None]" if len(shape) == 3 else ""
             raise ValueError(f"{name}: input must be a batch of images (N, C, H, W), got a "
@@ -150,6 +184,8 @@ class ConvolutionalVisionTransformer(nn.Module):
                     if shape[-1] == C else "")
             raise ValueError(f"{name}: input (N, C, H, W) must have C = {C} channels, got shape "
                              f"{shape} with {shape[1]}{hint}")
+        dtype = self.head.weight.data.dtype
+        return x if x.dtype == dtype else x.astype(dtype)
 
     def backward(self, dlogits):
         """dlogits (N, K) -> dx (N, in_chans, H, W); adds every parameter's gradient to .grad."""
