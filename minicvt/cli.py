@@ -96,8 +96,23 @@ def cmd_train(args):
           f"{len(trainer.train_loader) * tc.batch_size} images/epoch, {tc.epochs} epochs -> {args.out}")
     print(json.dumps(asdict(tc)))
     trainer.fit()
-    print(f"done: best validation accuracy {trainer.best_acc:.4f}; checkpoints in {args.out}")
+    print(_done_line(trainer, args.out))
     return 0
+
+
+def _done_line(trainer, out):
+    """The run's last line: where its best model is, and what 'best' counted (only epochs at
+    full size, whose validation accuracy is the one `minicvt eval` reproduces)."""
+    full = trainer.mc.image_size
+    best = [h for h in trainer.history if h["image_size"] == full and "val_acc" in h
+            and h["val_acc"] == trainer.best_acc]
+    if not best:          # --val-size 0: best.npz is the full-size epoch of lowest training loss
+        return f"done: no validation images (--val-size 0); checkpoints in {out}"
+    smaller = any(h["image_size"] != full for h in trainer.history)
+    note = (" (the epochs at smaller sizes validated on smaller images and are not counted)"
+            if smaller else "")
+    return (f"done: best validation accuracy {trainer.best_acc:.4f} at full size ({full}x{full}), "
+            f"epoch {best[0]['epoch']}, in {Path(out) / 'best.npz'}{note}; checkpoints in {out}")
 
 
 def cmd_eval(args):
@@ -105,6 +120,8 @@ def cmd_eval(args):
     from .evaluation import evaluate_checkpoint
 
     backend.set_backend(args.backend)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     loss, acc, per_class, classes, n, split = evaluate_checkpoint(
         args.checkpoint, args.data, args.split, args.batch_size, cache_dir=args.cache_dir, progress=True,
         flip=False if args.no_flip else None)

@@ -42,6 +42,11 @@ from .stopping import Interrupted, StopSignals
 from .viz import plot_curves
 
 
+def flag(name):
+    """The command line's flag of a TrainConfig field: 'batch_size' -> '--batch-size'."""
+    return "--config" if name == "model" else "--" + name.replace("_", "-")
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run; stored in every checkpoint."""
@@ -90,17 +95,18 @@ class TrainConfig:
             self.weight_decay = 0.05 if self.optimizer == "adamw" else 5e-4
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        # messages name the command line's flag (--batch-size), which Python users read as well
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
         for name in ("min_lr", "weight_decay", "warmup_epochs", "clip_grad", "crop_padding", "limit_train",
-                     "minutes"):
+                     "minutes", "val_size"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         schedules.parse_resolutions(self.resolutions)       # a malformed schedule fails here
 
     def resolution_plan(self, native, epochs=None):
@@ -169,6 +175,12 @@ class Trainer:
         self.dtype = np.dtype(tc.dtype)
         images, labels, classes = data.load_dataset(tc.data, cache_dir=cache_dir, progress=progress)
         self.classes, self.num_images = list(classes), len(labels)
+        if len(classes) < 2:
+            raise data.DataError(f"--data {tc.data}: it has one class ({classes[0]!r}); a classifier needs "
+                                 f"two or more (one folder per class)")
+        if tc.val_size >= len(labels):
+            raise ValueError(f"--val-size {tc.val_size} holds out every one of the {len(labels)} images "
+                             f"of {tc.data}; give a smaller --val-size")
         train_idx, val_idx = data.split_indices(len(labels), tc.val_size, tc.seed)
         if tc.limit_train:        # a random subset: the sorted indices run class by class
             pick = np.random.default_rng(tc.seed).permutation(len(train_idx))[:tc.limit_train]

@@ -124,7 +124,11 @@ def test_train_then_eval_prints_the_accuracy_of_a_direct_forward_pass(folder, tm
     assert main(*train_argv(folder, out, backend=name)) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(f"training cvt-cifar-s on {folder} with {name}: 6 images/epoch, 1 epochs")
-    assert "done: best validation accuracy" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # the last line says where the best model is and which epochs it counted (its one epoch
+    # is at full size: the last epoch always is)
+    assert printed.splitlines()[-1] == (f"done: best validation accuracy {records[0]['val_acc']:.4f} at full "
+                                        f"size (16x16), epoch 1, in {out / 'best.npz'}; checkpoints in {out}")
     for f in ("last.npz", "best.npz", "metrics.jsonl", "curves.png"):
         assert (out / f).is_file(), f
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -232,6 +236,22 @@ def test_train_refuses_a_folder_that_holds_a_run(run, folder, tmp_path, capsys):
 def test_resume_of_a_finished_run_points_to_init_from(run, capsys):
     one_line_error(capsys, ["train", "--resume", "--out", run], f"the run in {run} has finished",
                    f"minicvt train --init-from {run / 'last.npz'} --out NEW_FOLDER")
+
+
+def test_the_last_line_says_that_smaller_epochs_are_not_counted(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(*train_argv(folder, out, epochs=2, resolutions="8:0.5")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["image_size"] for r in records] == [8, 16]
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"done: best validation accuracy {records[1]['val_acc']:.4f} at full size (16x16), epoch 2, in "
+        f"{out / 'best.npz'} (the epochs at smaller sizes validated on smaller images and are not counted); "
+        f"checkpoints in {out}")
+
+
+def test_eval_batch_size_names_the_flag(run, folder, capsys):
+    one_line_error(capsys, ["eval", "--checkpoint", run / "best.npz", "--data", folder, "--batch-size", "0"],
+                   "--batch-size must be >= 1, got 0")
 
 
 def test_a_full_disk_is_one_line_and_loses_nothing(folder, tmp_path, capsys, monkeypatch):
@@ -353,8 +373,9 @@ def test_unknown_config_fails_before_loading_any_data(tmp_path, capsys, monkeypa
 def test_settings_that_cannot_train(folder, tmp_path, capsys):
     # drop_last keeps only full batches: a batch larger than the 6 training images would give none
     one_line_error(capsys, train_argv(folder, tmp_path, batch_size=8), "--batch-size 8", "6 training images")
-    one_line_error(capsys, train_argv(folder, tmp_path, epochs=0), "epochs must be >= 1")
-    one_line_error(capsys, train_argv(folder, tmp_path, val_size=3 * PER_CLASS), "validation size")
+    one_line_error(capsys, train_argv(folder, tmp_path, epochs=0), "--epochs must be >= 1")
+    one_line_error(capsys, train_argv(folder, tmp_path, val_size=3 * PER_CLASS), "--val-size 18 holds out every "
+                   "one of the 18 images", "give a smaller --val-size")
 
 
 @pytest.mark.parametrize("command", ["train", "eval"])

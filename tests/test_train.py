@@ -6,9 +6,8 @@ import errno
 import json
 import os
 import signal
-from dataclasses import replace
-
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -364,9 +363,11 @@ def test_evaluate_matches_a_direct_forward_pass(folder, xp):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("lr", -0.1, "lr must be > 0"), ("lr", 0.0, "lr must be > 0"),
-    ("weight_decay", -1e-4, "weight_decay must be >= 0"), ("warmup_epochs", -1, "warmup_epochs must be >= 0"),
-    ("label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\)"), ("limit_train", -5, "limit_train must be >= 0"),
+    ("lr", -0.1, "^--lr must be > 0"), ("lr", 0.0, "^--lr must be > 0"),
+    ("weight_decay", -1e-4, "^--weight-decay must be >= 0"), ("warmup_epochs", -1, "^--warmup-epochs must be >= 0"),
+    ("label_smoothing", 1.0, r"^--label-smoothing must be in \[0, 1\)"),
+    ("limit_train", -5, "^--limit-train must be >= 0"), ("batch_size", 0, "^--batch-size must be >= 1, got 0"),
+    ("eval_batch_size", 0, "^--eval-batch-size must be >= 1"), ("val_size", -1, "^--val-size must be >= 0"),
     ("resolutions", "16", "'16' is not SIZE:FRACTION"), ("resolutions", "16:a", "'16:a' is not SIZE:FRACTION"),
     ("resolutions", "2:0.5", "pixels: a whole number of at least 4"),
     ("resolutions", "16:0", "needs a fraction of the epochs in"),
@@ -376,6 +377,19 @@ def test_evaluate_matches_a_direct_forward_pass(folder, xp):
 def test_train_config_refuses_settings_that_make_no_sense(field, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{field: value})
+
+
+def test_a_folder_of_one_class_is_refused(tmp_path):
+    """It would train to 'accuracy 1.0' and then name its one class for anything."""
+    one = write_image_folder(tmp_path / "cats", classes=["cat"])
+    with pytest.raises(data.DataError, match=r"it has one class \('cat'\); a classifier needs two or more"):
+        make_trainer(tiny_run(one), tmp_path / "run")
+
+
+def test_a_validation_split_of_every_image_names_the_flag(folder, tmp_path):
+    with pytest.raises(ValueError, match=r"^--val-size 48 holds out every one of the 48 images of .*; give a "
+                                         r"smaller --val-size$"):
+        make_trainer(tiny_run(folder, val_size=48), tmp_path / "run")
 
 
 def test_labels_beyond_the_models_classes_are_refused_once_at_load(folder, tmp_path):
