@@ -279,9 +279,10 @@ def build_parser():
     p.add_argument("--pretrained", metavar="FOLDER", help="or a Hugging Face CvT folder, with --images, "
                    "at its own resolution (224 for microsoft/cvt-13)")
     p.add_argument("--data", help="a dataset, as for train: images are taken from it by --index")
-    p.add_argument("--split", choices=["train", "test", "val"], default="test",
-                   help="train/test: that part of the official CIFAR-10 archive (an image folder has "
-                        "one part); val: the run's held-out images, from the data it was trained on")
+    p.add_argument("--split", choices=["train", "test", "val"], default=None,
+                   help="test: the official CIFAR-10 archive's test batch (the default where --data has "
+                        "one); val: the run's held-out images, from the data it was trained on (the "
+                        "default on that data); train: the training images (all of an image folder's)")
     p.add_argument("--index", type=int, nargs="+", metavar="I",
                    help="dataset images to show (default: the first 8 for grid/rollout, 0 for query/cls)")
     p.add_argument("--images", nargs="+", metavar="FILE",

@@ -186,21 +186,21 @@ def test_rollout_of_attention_to_self_by_hand():
 # -- figures ------------------------------------------------------------------------------------------
 def test_figures_are_pngs_of_the_expected_size(tmp_path):
     model, _, maps = _capture("dw_bn", True, n=3)
-    cfg, P = model.config, viz.PANEL_PX
+    cfg, P, B = model.config, viz.PANEL_PX, viz.BAR_PX
     images = np.random.default_rng(1).integers(0, 256, (3, 3, 16, 16), dtype=np.uint8)
     # query: one row per block (1 + 1), columns 1 + the most heads (2)
     path = viz.plot_query_attention(images[1], maps, cfg, (5, 11), tmp_path / "q.png", index=1, title="t")
-    _assert_png(path, 3 * P, 2 * P)
+    _assert_png(path, 3 * P + B, 2 * P)
     # cls: one row per block of the last stage (1), columns 1 + its heads (2)
-    _assert_png(viz.plot_cls_attention(images[0], maps, cfg, tmp_path / "c.png"), 3 * P, 1 * P)
+    _assert_png(viz.plot_cls_attention(images[0], maps, cfg, tmp_path / "c.png"), 3 * P + B, 1 * P)
     ro = viz.rollout(maps, cfg, 16)
-    _assert_png(viz.plot_rollout(images, ro, tmp_path / "r.png"), 3 * P, 3 * P)   # 3 rows, 3 images
+    _assert_png(viz.plot_rollout(images, ro, tmp_path / "r.png"), 3 * P + B, 3 * P)   # 3 rows, 3 images
     titles = ["pred a\ntrue b"] * 3
     _assert_png(viz.plot_grid(images, ro.image, tmp_path / "g.png", titles, [True, False, True]),
-                3 * P, 2 * P)                              # an image row and a map row
+                3 * P + B, 2 * P)                              # an image row and a map row
     seven = np.concatenate([images, images, images[:1]])
     _assert_png(viz.plot_grid(seven, np.ones((7, 16, 16)), tmp_path / "g7.png", ["x"] * 7),
-                6 * P, 4 * P)                              # 6 per row: two pairs of rows
+                6 * P + B, 4 * P)                          # 6 per row: two pairs of rows
 
 
 # -- the command ----------------------------------------------------------------------------------------
@@ -275,14 +275,23 @@ def test_command_split_val_shows_the_runs_held_out_images(run, capsys, restore_b
     _, val_idx = data.split_indices(6, 2, meta["train_config"]["seed"])
     labels = data.load_dataset(str(folder))[1]
     out = tmp / "val.png"
-    argv = ["attention", "--checkpoint", str(ckpt), "--data", str(folder), "--split", "val",
-            "--out", str(out)]
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
-    # the default for a grid is every image of the split: here its 2 held-out images, in order
-    trues = [line.split("true ")[1] for line in printed.splitlines() if line.startswith("image ")]
-    assert trues == [CLASSES[k] for k in labels[val_idx]]
-    assert out.read_bytes()[:8] == PNG_MAGIC
+    for split in (["--split", "val"], []):                  # 'val' is the default on the run's own data
+        argv = ["attention", "--checkpoint", str(ckpt), "--data", str(folder), *split, "--out", str(out)]
+        assert cli.main(argv) == 0
+        printed = capsys.readouterr().out
+        # the default for a grid is every image of the split: here its 2 held-out images, in order
+        trues = [line.split("true ")[1] for line in printed.splitlines() if line.startswith("image ")]
+        assert trues == [CLASSES[k] for k in labels[val_idx]]
+        assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_command_split_test_on_an_image_folder_is_refused(run, capsys, restore_backend):
+    """An image folder has no test split: its images (the training images, here) must not pass
+    for unseen ones."""
+    ckpt, folder, tmp = run
+    _one_line_error(capsys, ["attention", "--checkpoint", str(ckpt), "--data", str(folder), "--split", "test",
+                             "--out", str(tmp / "t.png")], f"--split test: {folder} has no test split")
+    assert not (tmp / "t.png").exists()
 
 
 def test_command_reads_own_image_files(run, capsys, restore_backend):
@@ -297,7 +306,7 @@ def test_command_reads_own_image_files(run, capsys, restore_backend):
     assert cli.main(argv) == 0
     assert "true" not in capsys.readouterr().out                       # no labels for own files
     with Image.open(out) as im:
-        assert im.size == (2 * viz.PANEL_PX, 2 * viz.PANEL_PX)          # 2 images: 2 columns, 2 rows
+        assert im.size == (2 * viz.PANEL_PX + viz.BAR_PX, 2 * viz.PANEL_PX)   # 2 images: 2 columns, 2 rows
 
 
 def test_command_errors_are_one_line(run, capsys, restore_backend):

@@ -5,11 +5,12 @@ pipeline.
     images, labels, classes = load_dataset("path/to/cifar-10-python.tar.gz")
     images, labels, classes = load_dataset("path/to/train.tar.xz")  # ROOT/<class>/*.jpg
     train_idx, val_idx = split_indices(len(labels), val_size=5000, seed=0)
+    path = find_cifar10()          # $MINICVT_DATA, else the downloaded archive, else None
 """
 import tarfile
 from pathlib import Path
 
-from .cifar10 import CIFAR10_MD5, CIFAR10_URL, CLASSES, fetch_cifar10, load_cifar10_archive
+from .cifar10 import CIFAR10_FILE, CIFAR10_MD5, CIFAR10_URL, CLASSES, fetch_cifar10, load_cifar10_archive
 from .download import DataError, default_cache_dir, download, md5sum, verified
 from .folders import load_image_files, load_image_folder
 from .pipeline import Loader, channel_stats, normalize, random_crop, random_hflip, resize, resize_matrix
@@ -41,6 +42,22 @@ def load_dataset(data, split="train", cache_dir=None, progress=True):
 
 
 OFFICIAL_FOLDER = "cifar-10-batches-py"         # the one folder inside the official archive
+
+
+def find_cifar10(cache_dir=None):
+    """Where this machine has CIFAR-10, for the notebooks (None if nowhere): $MINICVT_DATA if
+    set (the official archive, an image folder or its tar; an error if it does not exist),
+    else the official archive in the cache, where `minicvt train --data cifar10` downloads it."""
+    import os
+    given = os.environ.get("MINICVT_DATA", "").strip()
+    if given:
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise DataError(f"MINICVT_DATA={given}: no such file or directory (give the official archive "
+                            f"cifar-10-python.tar.gz, or an image folder or its tar)")
+        return path
+    cached = Path(cache_dir or default_cache_dir()) / CIFAR10_FILE
+    return cached if cached.is_file() else None
 
 
 def has_test_split(data):

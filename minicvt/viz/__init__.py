@@ -14,7 +14,7 @@ trainer's curves.png).
 """
 from .command import KINDS, attention_figures, load_model, predict, read_image_files
 from .curves import plot_curves
-from .figures import (DPI, PANEL_INCHES, PANEL_PX, plot_cls_attention, plot_grid,
+from .figures import (BAR_PX, DPI, PANEL_INCHES, PANEL_PX, plot_cls_attention, plot_grid,
                       plot_query_attention, plot_rollout)
 from .geometry import StageGeometry, box_index, box_matrix, share, stage_geometry, upsample_nearest
 from .maps import (Rollout, block_matrix, capture_attention, cls_attention, query_attention,

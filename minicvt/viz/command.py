@@ -67,9 +67,22 @@ def predict_inputs(model, x):
 def _select(data_path, split, index, kind, meta, cache_dir=None):
     """(images, labels, class names, names) of the chosen dataset images; by default the first
     eight (grid, rollout) or the first one (query, cls). split 'val' takes them from the run's
-    held-out images (indices count within that split), 'test' from the official test batch."""
+    held-out images (indices count within that split), 'test' from the official test batch,
+    'train' from the training images (an image folder's are all its images). None: 'test' where
+    the data has a test split, else 'val' on the run's own training data (if it held any out),
+    else 'train'."""
+    has_test = data.has_test_split(data_path)
+    if split == "test" and not has_test:       # the folder's images would pass for unseen ones
+        raise data.DataError(f"--split test: {data_path} has no test split (only 'cifar10' and the official "
+                             f"archive cifar-10-python.tar.gz have one); give --split val for the run's "
+                             f"held-out images, or --split train for all of its images")
+    if split is None and has_test:
+        split = "test"
     images, labels, classes = data.load_dataset(data_path, split="test" if split == "test" else "train",
                                                 cache_dir=cache_dir)
+    if split is None:        # (a run that held nothing out has no 'val' to default to)
+        held = meta is not None and meta["train_config"].get("val_size", 0) > 0
+        split = "val" if held and data.is_training_data(images, labels, meta) else "train"
     if split == "val":
         images, labels = data.held_out(images, labels, meta, data_path)
     n = len(labels)
@@ -96,7 +109,7 @@ def _numbered(out, name, many):
     return out if not many else out.with_name(f"{out.stem}-{name}{out.suffix}")
 
 
-def attention_figures(checkpoint, out, kind="grid", data_path=None, split="test", image_files=None,
+def attention_figures(checkpoint, out, kind="grid", data_path=None, split=None, image_files=None,
                       index=None, query=None, log=print, cache_dir=None, pretrained=None):
     """Write the `kind` figure(s) to `out` (a .png) and return their paths. query and cls write
     one figure per image when there are several, FIG-<name>.png: the dataset index, or the

@@ -6,9 +6,10 @@ batch and `index` picks the image in it. Every map is copied up to the image's s
 `upsample_nearest` (each coarse cell drawn as an even block: see docs/attention_maps.md) and
 drawn over the image with its own colour scale, from 0 to its largest value: colours compare
 places within one panel, not across panels, and the colour bar at the right says so. Every
-figure is a grid of square panels of PANEL_INCHES at DPI, so a figure of r rows and c columns
-is exactly (c * PANEL_PX) x (r * PANEL_PX) pixels (the colour bar takes its room from the
-panels).
+figure is a grid of square panels of PANEL_INCHES at DPI plus a strip of BAR_INCHES at the
+right for the colour bar, so a figure of r rows and c columns is exactly
+(c * PANEL_PX + BAR_PX) x (r * PANEL_PX) pixels: one image's figure has as readable a colour
+bar as twelve images'.
 """
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from .geometry import stage_geometry, upsample_nearest
 from .maps import cls_attention, query_attention
 
 PANEL_INCHES = 1.8
+BAR_INCHES = 0.6                       # the colour bar, its ticks and its label
 DPI = 100
 PANEL_PX = round(PANEL_INCHES * DPI)
+BAR_PX = round(BAR_INCHES * DPI)
 CMAP, ALPHA = "inferno", 0.6
 
 
@@ -28,7 +31,7 @@ def _figure(rows, cols):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * PANEL_INCHES, rows * PANEL_INCHES),
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * PANEL_INCHES + BAR_INCHES, rows * PANEL_INCHES),
                              squeeze=False, layout="constrained")
     fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.01, hspace=0.01)
     for ax in axes.flat:
@@ -40,10 +43,12 @@ def _colour_bar(fig, axes):
     """The overlay's colour scale, once for the figure: 0 to each panel's own largest value."""
     from matplotlib import cm, colors
 
+    # a bar 0.08 inch wide whatever the number of columns (fraction is of the panels' width)
+    fraction = 0.08 / (axes.shape[1] * PANEL_INCHES)
     bar = fig.colorbar(cm.ScalarMappable(colors.Normalize(0.0, 1.0), CMAP), ax=axes, ticks=[0, 1],
-                       fraction=0.025, pad=0.01, aspect=40)
+                       fraction=fraction, pad=0.01, aspect=40)
     bar.ax.set_yticklabels(["0", "panel\nmax"], fontsize=6)
-    bar.set_label("attention, each panel from 0 to its own largest value", fontsize=6)
+    bar.set_label("attention: each panel\nfrom 0 to its own largest", fontsize=6)
 
 
 def _row_label(ax, text):
