@@ -1,7 +1,7 @@
 """The `minicvt` command (also `python -m minicvt`).
 
     minicvt check [--backend numpy|cupy]     prove every layer's gradients on this machine
-    minicvt summary --config NAME            per-stage tokens, channels, parameters, MACs
+    minicvt summary [--config NAME | --checkpoint FILE]   per-stage tokens, channels, parameters, MACs
     minicvt train --data PATH [options]      train a CvT; --resume continues an interrupted run
     minicvt eval --checkpoint CKPT --data PATH   accuracy and a per-class table
     minicvt predict (--pretrained FOLDER | --checkpoint CKPT) --images FILE ...   the top 5 classes
@@ -40,9 +40,23 @@ def cmd_check(args):
 
 
 def cmd_summary(args):
-    """Print a config's per-stage token grid, channels, parameters and multiply-accumulates."""
+    """Print a config's (or a model file's) per-stage token grid, channels, parameters and
+    multiply-accumulates; without either, the list of configs."""
+    from .models import CONFIGS, count_parameters, load
     from .models.summary import format_summary
-    print(format_summary(args.config, num_classes=args.num_classes, image_size=args.image_size))
+    if args.config and args.checkpoint:
+        raise ValueError("give --config (a named config) or --checkpoint (a model file), not both")
+    if args.checkpoint:
+        config = load(args.checkpoint).config
+    elif args.config:
+        config = args.config
+    else:
+        print("configs (minicvt summary --config NAME for one; --checkpoint FILE for a model file):")
+        for name, cfg in CONFIGS.items():
+            print(f"  {name:<12} {cfg.image_size}x{cfg.image_size} input, {cfg.num_classes} classes, "
+                  f"{count_parameters(cfg) / 1e6:.1f} M parameters")
+        return 0
+    print(format_summary(config, num_classes=args.num_classes, image_size=args.image_size))
     return 0
 
 
@@ -198,8 +212,10 @@ def build_parser():
                    help="check the reference layer functions (minicvt.functional), the fast ones "
                         "(minicvt.fast), or both in turn (default)")
     p.set_defaults(func=cmd_check)
-    p = sub.add_parser("summary", help="per-stage shapes, parameters and MACs of a named config")
-    p.add_argument("--config", required=True, help=f"one of: {configs}")
+    p = sub.add_parser("summary", help="per-stage shapes, parameters and MACs of a named config or a "
+                       "model file (without either: the list of configs)")
+    p.add_argument("--config", help=f"one of: {configs}")
+    p.add_argument("--checkpoint", help="or a model file: a checkpoint of `minicvt train`, or a models.save file")
     p.add_argument("--num-classes", type=int, default=None, help="default: the config's")
     p.add_argument("--image-size", type=int, default=None, help="square input side; default: the config's")
     p.set_defaults(func=cmd_summary)
@@ -219,7 +235,8 @@ def build_parser():
     p.add_argument("--weight-decay", type=float, help="default: adamw 0.05, sgd 5e-4")
     p.add_argument("--label-smoothing", type=float, help="default 0.1")
     p.add_argument("--clip-grad", type=float, help="max gradient norm (0: off)")
-    p.add_argument("--val-size", type=int, help="images held out for validation (default 5000)")
+    p.add_argument("--val-size", type=int, help="images held out for validation (default 5000; with "
+                   "--limit-train, a fifth of it, from 500 to 5000)")
     p.add_argument("--limit-train", type=int, help="train on only this many images (quick runs)")
     p.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (default 4)")
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False,

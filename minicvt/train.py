@@ -65,7 +65,8 @@ class TrainConfig:
     clip_grad: float = 0.0           # max global gradient norm; 0 = no clipping
     crop_padding: int = 4
     augment: bool = True
-    val_size: int = 5000
+    val_size: int = None             # held out for validation: 5000, or with limit_train a fifth of it
+                                     # (500 to 5000): a quick trial's validation stays quick
     limit_train: int = 0             # use only this many training images (0 = all)
     seed: int = 0
     dtype: str = "float32"
@@ -93,6 +94,8 @@ class TrainConfig:
             self.lr = 1e-3 if self.optimizer == "adamw" else 0.1
         if self.weight_decay is None:
             self.weight_decay = 0.05 if self.optimizer == "adamw" else 5e-4
+        if self.val_size is None:
+            self.val_size = min(5000, max(500, self.limit_train // 5)) if self.limit_train else 5000
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         # messages name the command line's flag (--batch-size), which Python users read as well

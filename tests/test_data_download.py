@@ -191,6 +191,8 @@ def test_unreachable_server_says_where_to_put_the_archive(tmp_path, monkeypatch)
         fetch_cifar10(cache, url=f"http://127.0.0.1:{port}/{ARCHIVE}", md5="a" * 32, progress=False)
     message = str(info.value)
     assert f"put it at {cache / ARCHIVE}" in message and "a" * 32 in message and "--data" in message
+    # what else works offline: the images in class folders, or a tar of them
+    assert "--data also takes an image folder ROOT/<class>/*.png|jpg, or a .tar/.tar.gz/.tar.xz of one" in message
     assert _files(cache) == []
 
 

@@ -1,5 +1,7 @@
 """Named configs: parameter counts (the issue's numbers, our model, the PyTorch twin and the
 summary all agree), the summary's token grids and multiply-accumulates, and the CLI."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -143,3 +145,19 @@ def test_config_validation_and_json_round_trip():
     assert build_model("cvt-cifar-s", num_classes=7, dtype=np.float64).head.weight.data.dtype == np.float64
     assert backend.to_numpy(build_model("cvt-cifar-s", num_classes=7).forward(
         backend.to_device(np.zeros((1, 3, 32, 32), np.float32)))).shape == (1, 7)
+
+
+def test_cli_summary_lists_the_configs_and_describes_a_checkpoint(capsys):
+    shipped = str(Path(__file__).resolve().parents[1] / "checkpoints" / "cvt-cifar-s.npz")
+    assert cli.main(["summary"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[0].startswith("configs (minicvt summary --config NAME")
+    assert [line.split()[0] for line in listed[1:]] == list(CONFIGS)
+    assert "  cvt-cifar-s  32x32 input, 10 classes, 2.4 M parameters" in listed
+    # the shipped checkpoint: its own config (cvt-cifar-s), counted the same way
+    assert cli.main(["summary", "--checkpoint", shipped]) == 0
+    described = capsys.readouterr().out
+    assert cli.main(["summary", "--config", "cvt-cifar-s"]) == 0
+    assert described == capsys.readouterr().out
+    assert cli.main(["summary", "--config", "cvt-13", "--checkpoint", shipped]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -379,6 +379,15 @@ def test_train_config_refuses_settings_that_make_no_sense(field, value, message)
         TrainConfig(**{field: value})
 
 
+def test_a_quick_trial_holds_out_a_fifth_of_its_images():
+    """--limit-train 5000 --epochs 1 would otherwise validate on 5000 images, with mirrors:
+    longer than its training epoch."""
+    assert TrainConfig().val_size == 5000
+    assert TrainConfig(limit_train=5000).val_size == 1000
+    assert TrainConfig(limit_train=200).val_size == 500 and TrainConfig(limit_train=40000).val_size == 5000
+    assert TrainConfig(limit_train=5000, val_size=3000).val_size == 3000       # given: kept
+
+
 def test_a_folder_of_one_class_is_refused(tmp_path):
     """It would train to 'accuracy 1.0' and then name its one class for anything."""
     one = write_image_folder(tmp_path / "cats", classes=["cat"])

@@ -52,7 +52,8 @@ def download(url, dest, md5, timeout=60, progress=True):
             except (urllib.error.URLError, OSError) as e:
                 raise DataError(
                     f"could not download {url} ({e}). Without internet, download it elsewhere and "
-                    f"put it at {dest} (MD5 {md5}), or pass the file's path with --data") from e
+                    f"put it at {dest} (MD5 {md5}), or pass the file's path with --data; --data also "
+                    f"takes an image folder ROOT/<class>/*.png|jpg, or a .tar/.tar.gz/.tar.xz of one") from e
             with response:
                 total = int(response.headers.get("Content-Length") or 0) or None
                 bar = tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False,
