@@ -71,28 +71,28 @@ def config_fits(cfg, num_arrays, num_bytes):
     return None
 
 
-def state_problems(found, expected, label=lambda name: name):
+def state_problems(found, expected, what="arrays"):
     """One line naming every missing, unexpected, mis-shaped and mis-typed array, or None.
 
     found: {name: (dtype, shape)} from a file's headers; expected: state_shapes' {name: (shape,
-    kind)}; label: how a name is shown (a file's own names may differ from the state dict's)."""
-    missing = [label(k) for k in expected if k not in found]
-    extra = [label(k) for k in found if k not in expected]
+    kind)}; what: what the file calls them ('arrays', 'tensors')."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
     shapes, types = [], []
     for k, (dtype, shape) in found.items():
         if k not in expected:
             continue
         want_shape, kind = expected[k]
         if tuple(shape) != tuple(want_shape):
-            shapes.append(f"{label(k)} {tuple(shape)} (expected {tuple(want_shape)})")
+            shapes.append(f"{k} {tuple(shape)} (expected {tuple(want_shape)})")
         elif kind == "f" and np.dtype(dtype).name not in WEIGHT_DTYPES:
-            types.append(f"{label(k)} ({np.dtype(dtype).name})")
+            types.append(f"{k} ({np.dtype(dtype).name})")
         elif kind == "i" and np.dtype(dtype).kind not in "iu":
-            types.append(f"{label(k)} ({np.dtype(dtype).name}, expected whole numbers)")
-    problems = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-                for what, names in (("missing arrays", missing), ("unexpected arrays", extra),
-                                    ("arrays of the wrong shape", shapes),
-                                    ("weights that are not float16, float32 or float64", types)) if names]
+            types.append(f"{k} ({np.dtype(dtype).name}, expected whole numbers)")
+    problems = [f"{problem}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
+                for problem, names in ((f"missing {what}", missing), (f"unexpected {what}", extra),
+                                       (f"{what} of the wrong shape", shapes),
+                                       ("weights that are not float16, float32 or float64", types)) if names]
     return "; ".join(problems) or None
 
 
