@@ -269,7 +269,7 @@ def from_pretrained(path, dtype=np.float32):
         raise PretrainedError(f"{folder}: not a Hugging Face model folder (no config.json); get one "
                               f"with `hf download microsoft/cvt-13 --local-dir {folder}`")
     try:
-        hf = read_json(config, "transformers' CvtConfig")
+        hf = read_json(config, "a JSON object (transformers' CvtConfig)")
         preprocessing = preprocessing_from_hf(folder)
         try:
             cfg = config_from_hf(hf, name=folder.name, image_size=preprocessing["size"])
