@@ -79,6 +79,9 @@ def load_checkpoint(path):
 
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        if f.read(6) == b"\x93NUMPY":
+            raise CheckpointError(f"checkpoint {path} is a single .npy array, not a .npz checkpoint")
     with NpzReader(path, CheckpointError) as z:
         if "meta" not in z.headers:
             z.fail("has no metadata ('meta'): not a checkpoint of `minicvt train`")
@@ -121,7 +124,7 @@ def _check_arrays(z, meta):
     model_config, every model array against the model it describes; the optimiser state against
     the model's parameters (one array per kind and parameter, of its shape, and 'steps')."""
     from .models.configs import CvTConfig
-    from .models.expect import config_fits, state_problems
+    from .models.expect import config_fits, state_problems, state_shapes
 
     found = {k[len("model/"):]: v for k, v in z.headers.items() if k.startswith("model/")}
     others = [k for k in z.headers if k != "meta" and not k.startswith(("model/", "optim/"))]
@@ -130,18 +133,16 @@ def _check_arrays(z, meta):
                f"optim/ and meta)")
     if "model_config" in meta:
         cfg = CvTConfig(**meta["model_config"])                # check_meta has checked it
-        numbers = [z.nbytes(k) for k in z.headers if k != "meta"]
-        problem = config_fits(cfg, len(numbers), sum(numbers))
+        problem = config_fits(cfg, len(z.headers))
         if problem:
-            z.fail(problem)
-        from .models.expect import state_shapes
+            z.fail(f"does not fit its own model configuration: {problem}")
         expected = state_shapes(cfg)
     else:                        # a checkpoint of some other module: floats, and whole-number counters
         expected = {k: (shape, "i" if k.endswith("num_batches_tracked") else "f")
                     for k, (_, shape) in found.items()}
     problem = state_problems(found, expected)
     if problem:
-        z.fail(problem)
+        z.fail(f"does not fit its own model configuration: {problem}" if "model_config" in meta else problem)
     optim = {k[len("optim/"):]: v for k, v in z.headers.items() if k.startswith("optim/")}
     if optim:
         want = {"steps": ((), "i")}

@@ -56,10 +56,13 @@ class NpzReader:
         if not os.path.isfile(path):
             self.fail("does not exist")
         self.file_size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                self.fail("is a single .npy array, not an .npz file")
         try:
             self.zip = zipfile.ZipFile(path)
         except DAMAGED as e:
-            self.fail(f"is not a readable .npz file (a zip archive of arrays): {_reason(e)}")
+            self.fail(f"is corrupt or not an .npz file (a zip archive of arrays): {_reason(e)}")
         try:
             self._members = self._check_members()
             self.headers, self._offsets = {}, {}
@@ -127,7 +130,7 @@ class NpzReader:
         except self.error:
             raise
         except DAMAGED as e:
-            self.fail(f"array {key!r} has no readable .npy header: {_reason(e)}")
+            self.fail(f"array {key!r} is corrupt: no readable .npy header ({_reason(e)})")
         if dtype.hasobject or dtype.names is not None or dtype.subdtype is not None:
             self.fail(f"array {key!r} holds {dtype} values (objects or records), not numbers or text")
         if dtype.kind not in "fiubU" or dtype.itemsize == 0:
@@ -164,7 +167,7 @@ class NpzReader:
         except self.error:
             raise
         except DAMAGED as e:
-            self.fail(f"array {key!r} is damaged: {_reason(e)}")
+            self.fail(f"array {key!r} is corrupt: {_reason(e)}")
         array = np.frombuffer(buf, dtype=dtype)
         return array.reshape(shape, order="F" if fortran else "C")
 

@@ -2,15 +2,17 @@
 
 A reader (minicvt.npz for our .npz files, minicvt.models.pretrained for Hugging Face folders)
 has each array's name, dtype and shape from the file's headers before it reads any array. It:
-1. bounds the config by the file (`config_fits`): a config that describes more parameters than
-   the file's arrays can hold (2 bytes each, at float16) is refused before anything is built, so
-   a hostile config cannot make us allocate a model of its size;
+1. bounds the config by the file (`config_fits`): a config of more blocks than the file has
+   arrays is refused before its expected state dict is even listed (and, for pytorch_model.bin,
+   whose shapes are unknown until PyTorch loads it, one of more parameters than the file's bytes
+   can hold at 2 bytes each);
 2. compares every header with `state_shapes(cfg)`, the model's state dict computed from the
    config without building the model (`state_problems`): names missing, names extra, wrong
    shapes, integers or text where weights must be floats;
 3. reads the arrays, and refuses NaN and infinity (`nonfinite_problem`): the weights of a run
    that diverged, which would otherwise answer every image with the same class.
-Only then is the model built and the arrays loaded into it.
+Only then is the model built and the arrays loaded into it: with every shape equal to the
+expected one, it is no larger than the file's arrays, whose sizes the reader has bounded.
 """
 import numpy as np
 
@@ -55,12 +57,17 @@ def state_shapes(cfg):
             for name, shape in shapes.items()}
 
 
-def config_fits(cfg, num_arrays, num_bytes):
-    """None if a file of `num_arrays` arrays holding `num_bytes` bytes of numbers can hold a model
-    of config `cfg`, else what is wrong. Arithmetic on the config only: nothing is built."""
+def config_fits(cfg, num_arrays, num_bytes=None):
+    """None if a file of `num_arrays` arrays (holding `num_bytes` bytes of numbers, where known)
+    can hold a model of config `cfg`, else what is wrong. Arithmetic on the config only: nothing
+    is built. The block count bounds the size of state_shapes(cfg); once every array's shape
+    equals the expected one, the model is no larger than the file's checked arrays, so the byte
+    bound is needed only where the shapes are not known before loading (pytorch_model.bin)."""
     blocks = sum(cfg.depth)
     if blocks > num_arrays:
         return f"its config describes {blocks:,} blocks but the file holds only {num_arrays:,} arrays"
+    if num_bytes is None:
+        return None
     try:
         params = count_parameters(cfg)
     except ValueError as e:                       # an image too small for the config's strides

@@ -72,10 +72,10 @@ def _read_model_file(z):
             raise
         z.fail(f"its {CONFIG_KEY} is not a model configuration: {' '.join(str(e).split())}")
     found = {k: v for k, v in z.headers.items() if k != CONFIG_KEY}
-    problem = (config_fits(cfg, len(found), sum(z.nbytes(k) for k in found))
+    problem = (config_fits(cfg, len(found))
                or state_problems(found, state_shapes(cfg)))
     if problem:
-        z.fail(problem)
+        z.fail(f"does not fit its own model configuration: {problem}")
     return cfg, _read_arrays(z, found)
 
 

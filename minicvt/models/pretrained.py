@@ -189,8 +189,7 @@ def read_state(folder, cfg):
                 where[name] = shard
             headers.update(entries)
         source = index if index.is_file() else single
-        _check_tensors(source, hf_weights.as_checked(headers), cfg,
-                       sum(end - begin for _, _, begin, end, _ in headers.values()))
+        _check_tensors(source, hf_weights.as_checked(headers), cfg)
         tensors = {}
         for shard, entries in by_shard.items():
             tensors.update(hf_weights.read_safetensors(shard, entries, list(entries)))
@@ -201,11 +200,11 @@ def read_state(folder, cfg):
     raise PretrainedError(f"{folder}: no model.safetensors or pytorch_model.bin in it")
 
 
-def _check_tensors(path, found, cfg, num_bytes):
-    """Refuse, naming them, tensors that do not fit the model of `cfg`: first the config against
-    the file's size (so a hostile config cannot make us compute a huge expectation), then every
-    name, shape and dtype."""
-    problem = config_fits(cfg, len(found), num_bytes)
+def _check_tensors(path, found, cfg):
+    """Refuse, naming them, tensors that do not fit the model of `cfg`: first the config's blocks
+    against the file's tensors (so a hostile config cannot make us list a huge expectation), then
+    every name, shape and dtype."""
+    problem = config_fits(cfg, len(found))
     if problem:
         raise PretrainedError(f"{path}: {problem}")
     expected = {hf_name(k) or k: v for k, v in state_shapes(cfg).items()}
