@@ -192,7 +192,7 @@ def check_meta(meta):
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             return f"classes must be a list of class names, got {reprlib.repr(classes)}"
         if cfg is not None and len(classes) != cfg.num_classes:
-            return f"classes names {len(classes)} classes but model_config has {cfg.num_classes}"
+            return f"classes lists {len(classes)} names but model_config has {cfg.num_classes} classes"
     if "normalization" in meta:
         norm, channels = meta["normalization"], cfg.in_chans if cfg else 3
         if not isinstance(norm, dict):

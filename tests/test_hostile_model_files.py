@@ -37,7 +37,7 @@ from minicvt.optim import AdamW
 from minicvt.train import TrainConfig
 from cvt_tiny import tiny_config
 
-EXAMPLES = int(os.environ.get("MINICVT_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("MINICVT_FUZZ_EXAMPLES", "60"))
 FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 CFG = tiny_config()
@@ -269,7 +269,7 @@ BAD_CHECKPOINTS = {
     "unknown model field": (lambda a: {**a, "meta": _meta(model_config={**json.loads(CFG.to_json()), "x": 1})},
                             r"model_config: .*unexpected keyword argument 'x'"),
     "classes count": (lambda a: {**a, "meta": _meta(classes=["a", "b"])},
-                      r"classes names 2 classes but model_config has 3"),
+                      r"classes lists 2 names but model_config has 3 classes"),
     "classes ints": (lambda a: {**a, "meta": _meta(classes=[1, 2, 3])}, r"classes must be a list of class names"),
     "std zero": (lambda a: {**a, "meta": _meta(normalization={"mean": [0.5] * 3, "std": [0.2, 0, 0.2]})},
                  r"normalization std must list 3 finite numbers above 0"),
