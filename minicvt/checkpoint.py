@@ -6,19 +6,25 @@ Written atomically: the file is assembled under a temporary name in the same fol
 is flushed so that the new name survives a power cut. A crash or `kill -9` at any moment leaves
 either the previous checkpoint or the new one, never a torn file; a temporary left by a killed
 save is never read, and the next run in the folder removes it (`remove_temporaries`). A full
-disk is one line naming the file (`SaveError`), the previous checkpoint intact. Reading checks
-every member's CRC (zip does), so a corrupt file is an error, not silently wrong weights.
+disk is one line naming the file (`SaveError`), the previous checkpoint intact.
+
+Reading trusts nothing in the file: sizes, types and shapes are checked before anything is
+allocated, every member's CRC is checked (zip does), and NaN or infinite weights are refused,
+so a corrupt or hostile file is an error in one line, not a traceback or silently wrong
+weights (docs/files.md).
 """
 import json
+import math
 import os
+import reprlib
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .backend import to_numpy
 from .errors import BadFileError
+from .npz import NpzReader
 
 FORMAT = "minicvt-checkpoint-1"
 TEMP_SUFFIX = ".tmp"             # what atomic_write's temporaries end with
@@ -109,29 +115,170 @@ def save_checkpoint(path, model, optimizer, meta):
 
 
 def load_checkpoint(path):
-    """(model_state, optim_state, meta) as host arrays and a dict; CheckpointError if the file
-    is missing, truncated, corrupt or not a minicvt checkpoint."""
-    path = Path(path)
-    if not path.is_file():
+    """(model_state, optim_state, meta) as host arrays and a dict; CheckpointError, one line
+    naming the file, if it is missing, truncated, corrupt, hostile or not a minicvt checkpoint.
+
+    Nothing is read before it is checked (docs/files.md): the zip's and arrays' headers first
+    (minicvt.npz), then the metadata (size-bounded, every field's type checked: check_meta),
+    then every array's name, dtype and shape against the model its model_config describes
+    (minicvt.models.expect) and the optimiser state against the model's parameters; only then
+    are the arrays read, and NaN or infinity in any of them is refused."""
+    from .models.expect import nonfinite_problem
+
+    if not Path(path).is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}                 # reading verifies each CRC
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a .npz file ({e})") from e
-    except TypeError as e:        # a .npy file loads as one bare array, which `with` refuses
-        raise CheckpointError(f"checkpoint {path} is a single .npy array, not a .npz checkpoint") from e
-    try:
-        meta = json.loads(str(data.pop("meta")))
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path} has no readable metadata") from e
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a minicvt checkpoint (format {meta.get('format')!r})")
-    model = {k[len("model/"):]: v for k, v in data.items() if k.startswith("model/")}
-    optim = {k[len("optim/"):]: v for k, v in data.items() if k.startswith("optim/")}
+    with open(path, "rb") as f:
+        if f.read(6) == b"\x93NUMPY":
+            raise CheckpointError(f"checkpoint {path} is a single .npy array, not a .npz checkpoint")
+    with NpzReader(path, CheckpointError) as z:
+        if "meta" not in z.headers:
+            z.fail("has no metadata ('meta'): not a checkpoint of `minicvt train`")
+        text = z.read_text("meta", MAX_META_CHARS)
+        try:
+            meta = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            z.fail(f"its metadata is not readable JSON ({type(e).__name__})")
+        if not isinstance(meta, dict):
+            z.fail(f"its metadata must be a JSON object, got {type(meta).__name__}")
+        if meta.get("format") != FORMAT:
+            z.fail(f"is not a minicvt checkpoint (format {reprlib.repr(meta.get('format'))})")
+        problem = check_meta(meta)
+        if problem:
+            z.fail(f"metadata {problem}")
+        _check_arrays(z, meta)
+        arrays = {}
+        for key in z.headers:
+            if key != "meta":
+                arrays[key] = z.read(key)
+                problem = nonfinite_problem(key.split("/", 1)[-1], arrays[key])
+                if problem:
+                    z.fail(problem)
+    model = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+    optim = {k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")}
     if "steps" in optim:
         optim["steps"] = int(optim["steps"])
+        if optim["steps"] < 0:
+            raise CheckpointError(f"{path}: optimiser state: steps is {optim['steps']}, below 0")
     return model, optim, meta
+
+
+# The metadata of a 1000-epoch run is about 350 000 characters.
+MAX_META_CHARS = 4_000_000
+_OPTIM_KINDS = ("momentum", "exp_avg", "exp_avg_sq")      # minicvt.optim's per-parameter state
+
+
+def _check_arrays(z, meta):
+    """Refuse, before any array is read, arrays that do not belong in the checkpoint: with a
+    model_config, every model array against the model it describes; the optimiser state against
+    the model's parameters (one array per kind and parameter, of its shape, and 'steps')."""
+    from .models.configs import CvTConfig
+    from .models.expect import config_fits, state_problems, state_shapes
+
+    found = {k[len("model/"):]: v for k, v in z.headers.items() if k.startswith("model/")}
+    others = [k for k in z.headers if k != "meta" and not k.startswith(("model/", "optim/"))]
+    if others:
+        z.fail(f"unexpected arrays: {', '.join(map(repr, others[:4]))} (a checkpoint holds model/, "
+               f"optim/ and meta)")
+    if "model_config" in meta:
+        cfg = CvTConfig(**meta["model_config"])                # check_meta has checked it
+        problem = config_fits(cfg, len(z.headers))
+        if problem:
+            z.fail(f"does not fit its own model configuration: {problem}")
+        expected = state_shapes(cfg)
+    else:                        # a checkpoint of some other module: floats, and whole-number counters
+        expected = {k: (shape, "i" if k.endswith("num_batches_tracked") else "f")
+                    for k, (_, shape) in found.items()}
+    problem = state_problems(found, expected)
+    if problem:
+        z.fail(f"does not fit its own model configuration: {problem}" if "model_config" in meta else problem)
+    optim = {k[len("optim/"):]: v for k, v in z.headers.items() if k.startswith("optim/")}
+    if optim:
+        want = {"steps": ((), "i")}
+        for key in optim:
+            kind, _, name = key.partition(".")
+            if kind in _OPTIM_KINDS and name in expected and expected[name][1] == "f":
+                want[key] = expected[name]          # a parameter's state has the parameter's shape
+        problem = state_problems(optim, want)
+        if problem:
+            z.fail(f"optimiser state: {problem}")
+
+
+def check_meta(meta):
+    """What is wrong with a checkpoint's metadata, or None. A field may be absent (checkpoints
+    of other modules, and older ones, have fewer); one that is present must have its type and a
+    possible value. Unknown fields are left alone (a later minicvt may add some)."""
+    from .models.configs import CvTConfig
+
+    def whole(v, lo=0):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    simple = {"epoch": (whole, "a whole number from 0"), "num_images": (whole, "a whole number from 0"),
+              "data_fingerprint": (lambda v: isinstance(v, str), "text"),
+              "best_acc": (lambda v: v is None or number(v), "a number"),
+              "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),
+                          "a list of records (one per epoch)"),
+              "inference_copy": (lambda v: isinstance(v, dict), "a record"),
+              "train_config": (lambda v: isinstance(v, dict), "a record of settings"),
+              "model_config": (lambda v: isinstance(v, dict), "a record of the model's fields")}
+    for field, (ok, what) in simple.items():
+        if field in meta and not ok(meta[field]):
+            return f"{field} must be {what}, got {reprlib.repr(meta[field])}"
+    problem = _train_config_problem(meta.get("train_config", {}))
+    if problem:
+        return f"train_config: {problem}"
+    cfg = None
+    if "model_config" in meta:
+        try:
+            cfg = CvTConfig(**meta["model_config"])
+        except (TypeError, ValueError) as e:       # TypeError: a field CvTConfig does not have
+            return f"model_config: {' '.join(str(e).split())}"
+    if "classes" in meta:
+        classes = meta["classes"]
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            return f"classes must be a list of class names, got {reprlib.repr(classes)}"
+        if cfg is not None and len(classes) != cfg.num_classes:
+            return f"classes lists {len(classes)} names but model_config has {cfg.num_classes} classes"
+    if "normalization" in meta:
+        norm, channels = meta["normalization"], cfg.in_chans if cfg else 3
+        if not isinstance(norm, dict):
+            return f"normalization must be a record of mean and std, got {reprlib.repr(norm)}"
+        for key, lo in (("mean", -math.inf), ("std", 0.0)):
+            v = norm.get(key)
+            if not (isinstance(v, list) and len(v) == channels and all(number(x) and x > lo for x in v)):
+                what = "finite numbers" if key == "mean" else "finite numbers above 0"
+                return f"normalization {key} must list {channels} {what}, got {reprlib.repr(v)}"
+    return None
+
+
+def _train_config_problem(tc):
+    """What is wrong with the types of a saved train_config's settings, or None. The types are
+    TrainConfig's own; a setting it does not know is left to TrainConfig."""
+    import dataclasses
+
+    from .train import TrainConfig              # here: train imports this module
+    words = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in tc:
+            continue
+        v, want = tc[f.name], {"bool": bool, "int": int, "float": float, "str": str}.get(f.type, f.type)
+        if v is None and f.default is None:                      # "the optimiser's default"
+            continue
+        if want is bool:
+            ok = isinstance(v, bool)
+        elif want is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif want is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        else:
+            ok = not isinstance(want, type) or isinstance(v, want)
+        if not ok:
+            return f"{f.name} must be {words.get(want, want)}, got {reprlib.repr(v)}"
+    if tc.get("dtype", "float32") not in ("float32", "float64"):       # the model is built in it
+        return f"dtype must be 'float32' or 'float64', got {reprlib.repr(tc['dtype'])}"
+    return None
 
 
 def saved_train_settings(saved):

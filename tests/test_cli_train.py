@@ -408,7 +408,7 @@ def test_eval_of_a_checkpoint_of_another_config_or_data(run, tmp_path, capsys):
     path = rewrite_meta(run / "best.npz", tmp_path / "m.npz", model_config=other)
     shapes = write_image_folder(tmp_path / "shapes", per_class=2)
     one_line_error(capsys, ["eval", "--checkpoint", path, "--data", shapes, "--split", "all"],
-                   path, "does not fit its own model configuration", "missing keys")
+                   path, "does not fit its own model configuration", "missing arrays")
     # data with other classes, or (for the held-out split) other images than the run's
     animals = write_image_folder(tmp_path / "animals", classes=["ant", "bee", "cat"], per_class=2)
     one_line_error(capsys, ["eval", "--checkpoint", run / "best.npz", "--data", animals, "--split", "all"],

@@ -46,7 +46,7 @@ def test_save_load_round_trip(xp, tmp_path):
 def test_load_refuses_a_file_without_config(tmp_path):
     path = tmp_path / "bare.npz"
     np.savez(path, a=np.zeros(3))
-    with pytest.raises(CheckpointError, match=r"bare.npz is neither a minicvt model file \(models.save\) "
+    with pytest.raises(CheckpointError, match=r"bare.npz: is neither a minicvt model file \(models.save\) "
                                               r"nor a checkpoint of `minicvt train`"):
         load(path)
 

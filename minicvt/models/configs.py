@@ -12,12 +12,69 @@ the official behaviour as the default (see docs/architecture.md):
                 'cls' or 'mean'
 """
 import json
+import math
+import reprlib
 from dataclasses import asdict, dataclass, fields, replace
 
 _PER_STAGE = ("patch_size", "patch_stride", "patch_padding", "dim_embed", "num_heads", "depth",
               "mlp_ratio", "qkv_bias", "drop_rate", "attn_drop_rate", "drop_path_rate", "cls_token",
               "qkv_proj_method", "kernel_qkv", "padding_kv", "stride_kv", "padding_q", "stride_q")
 _METHODS = ("dw_bn", "avg", "linear")
+
+# What a config may hold, so that a file's config is refused in one line instead of failing deep
+# in the model (or allocating what it claims). The bounds are far beyond any CvT yet built; the
+# parameter count a file's config implies is also checked against the file's size when it is
+# read (minicvt.models.expect).
+MAX_STAGES = 16
+
+
+def _whole(lo, hi):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi,
+            f"a whole number from {lo} to {hi}")
+
+
+def _real(lo, hi, what):
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and lo <= v < hi, what)
+
+
+_FLAG = (lambda v: isinstance(v, bool), "true or false")
+_RATE = _real(0.0, 1.0, "a rate from 0 up to (not including) 1")
+_STAGE_RULES = {
+    "patch_size": _whole(1, 128), "patch_stride": _whole(1, 128), "patch_padding": _whole(0, 127),
+    "dim_embed": _whole(1, 65536), "num_heads": _whole(1, 65536), "depth": _whole(1, 1024),
+    "mlp_ratio": _real(1 / 1024, 64.0, "a number above 0 and below 64"), "qkv_bias": _FLAG,
+    "drop_rate": _RATE, "attn_drop_rate": _RATE, "drop_path_rate": _RATE, "cls_token": _FLAG,
+    "qkv_proj_method": (lambda v: isinstance(v, str) and v in _METHODS, f"one of {', '.join(_METHODS)}"),
+    "kernel_qkv": _whole(1, 128), "padding_kv": _whole(0, 127), "stride_kv": _whole(1, 128),
+    "padding_q": _whole(0, 127), "stride_q": _whole(1, 128)}
+_SCALARS = {
+    "name": (lambda v: isinstance(v, str) and len(v) <= 200, "a name of at most 200 characters"),
+    "in_chans": _whole(1, 64), "num_classes": _whole(1, 1_000_000), "image_size": _whole(1, 8192),
+    "norm_eps": _real(1e-12, 1.0, "a small number above 0")}
+
+
+def stage_problem(field, values):
+    """What is wrong with a per-stage field's values (a list, one per stage), or None."""
+    ok, what = _STAGE_RULES[field]
+    if all(ok(v) for v in values):
+        return None
+    return f"must list {what} per stage, got {reprlib.repr(list(values))}"
+
+
+def stage_geometry_problem(cfg, i):
+    """What makes stage i of a config (its per-stage values each valid) impossible, or None."""
+    C, heads = cfg.dim_embed[i], cfg.num_heads[i]
+    if C % heads:
+        return f"dim_embed {C} does not split into {heads} heads"
+    if cfg.patch_padding[i] >= cfg.patch_size[i]:
+        return f"patch_padding {cfg.patch_padding[i]} must be smaller than patch_size {cfg.patch_size[i]}"
+    for pad in ("padding_kv", "padding_q"):
+        if getattr(cfg, pad)[i] >= cfg.kernel_qkv[i]:
+            return f"{pad} {getattr(cfg, pad)[i]} must be smaller than kernel_qkv {cfg.kernel_qkv[i]}"
+    if int(C * cfg.mlp_ratio[i]) < 1:
+        return f"mlp_ratio {cfg.mlp_ratio[i]} leaves the MLP of {C} channels no hidden units"
+    return None
 
 
 @dataclass(frozen=True)
@@ -51,25 +108,32 @@ class CvTConfig:
     norm_eps: float = 1e-5             # every LayerNorm (official: partial(LayerNorm, eps=1e-5))
 
     def __post_init__(self):
-        S = len(self.depth)
+        depth = self.depth
+        if not isinstance(depth, (tuple, list)) or not 1 <= len(depth) <= MAX_STAGES:
+            raise ValueError(f"depth must list one whole number per stage (1 to {MAX_STAGES} stages), "
+                             f"got {reprlib.repr(depth)}")
+        S = len(depth)
         for f in _PER_STAGE:
             v = getattr(self, f)
             if not isinstance(v, (tuple, list)) or len(v) != S:
-                raise ValueError(f"CvTConfig.{f} must list one value per stage ({S}), got {v!r}")
+                raise ValueError(f"CvTConfig.{f} must list one value per stage ({S}), got {reprlib.repr(v)}")
+            problem = stage_problem(f, v)
+            if problem:
+                raise ValueError(f"{f} {problem}")
             object.__setattr__(self, f, tuple(v))       # lists (from JSON) become tuples
+        for f, (ok, what) in _SCALARS.items():
+            if not ok(getattr(self, f)):
+                raise ValueError(f"{f} must be {what}, got {reprlib.repr(getattr(self, f))}")
         for i in range(S):
-            if self.dim_embed[i] % self.num_heads[i]:
-                raise ValueError(f"stage {i}: dim_embed {self.dim_embed[i]} does not split into "
-                                 f"{self.num_heads[i]} heads")
-            if self.qkv_proj_method[i] not in _METHODS:
-                raise ValueError(f"stage {i}: qkv_proj_method must be one of {_METHODS}, "
-                                 f"got {self.qkv_proj_method[i]!r}")
+            problem = stage_geometry_problem(self, i)
+            if problem:
+                raise ValueError(f"stage {i}: {problem}")
         if self.act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"act must be 'quick_gelu' or 'gelu', got {self.act!r}")
+            raise ValueError(f"act must be 'quick_gelu' or 'gelu', got {reprlib.repr(self.act)}")
         if self.attn_scale not in ("official", "head"):
-            raise ValueError(f"attn_scale must be 'official' or 'head', got {self.attn_scale!r}")
+            raise ValueError(f"attn_scale must be 'official' or 'head', got {reprlib.repr(self.attn_scale)}")
         if self.pool not in ("auto", "cls", "mean"):
-            raise ValueError(f"pool must be 'auto', 'cls' or 'mean', got {self.pool!r}")
+            raise ValueError(f"pool must be 'auto', 'cls' or 'mean', got {reprlib.repr(self.pool)}")
         if self.pool == "cls" and not self.cls_token[-1]:
             raise ValueError("pool='cls' needs a class token in the last stage")
 
@@ -89,7 +153,13 @@ class CvTConfig:
 
     @classmethod
     def from_json(cls, text):
-        d = json.loads(text)
+        """The config in a JSON object; ValueError (one line) for anything else."""
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"CvTConfig: not readable JSON ({type(e).__name__})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"CvTConfig: expected a JSON object of fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

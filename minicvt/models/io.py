@@ -8,15 +8,16 @@ PyTorch and the official code store the same names with the same layouts (conv (
 depthwise conv (C, 1, kh, kw), linear (out, in), class token (1, 1, C)), because minicvt keeps
 PyTorch's layouts throughout; importing is therefore a matter of names, device and dtype.
 """
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .. import backend
-from ..checkpoint import CheckpointError, atomic_savez, load_checkpoint
+from ..checkpoint import CheckpointError, atomic_savez, check_meta, load_checkpoint
+from ..npz import NpzReader
 from .configs import CvTConfig
 from .cvt import ConvolutionalVisionTransformer
+from .expect import config_fits, nonfinite_problem, state_problems, state_shapes
 
 CONFIG_KEY = "__config__"
 
@@ -40,35 +41,64 @@ def load(path, dtype=None):
       copy such as the one shipped in checkpoints/), in its run's dtype; the model's `classes` and `normalization` (per-channel
       mean and std on the 0..1 scale, what its inputs were normalised with) come from the run;
     - a model file written by `save`, in its saved dtype (`classes` and `normalization` None).
-    dtype replaces the file's."""
+    dtype replaces the file's. A file that is missing, damaged, hostile or not one of these is a
+    CheckpointError in one line naming it; nothing is allocated before it is checked."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            files = set(f.files)
-            if CONFIG_KEY in files:
-                cfg = CvTConfig.from_json(str(f[CONFIG_KEY]))
-                state = {k: f[k] for k in f.files if k != CONFIG_KEY}
-    except (OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"{path} is corrupt or not a .npz file ({e})") from e
-    if CONFIG_KEY in files:
+    with NpzReader(path, CheckpointError) as z:
+        model_file = CONFIG_KEY in z.headers
+        if model_file:
+            cfg, state = _read_model_file(z)
+        elif "meta" not in z.headers:
+            z.fail("is neither a minicvt model file (models.save) nor a checkpoint of `minicvt train`")
+    if model_file:
         model = _build(cfg, state, dtype or state["head.weight"].dtype, path)
         model.classes = model.normalization = None
         return model.eval()
-    if "meta" not in files:
-        raise CheckpointError(f"{path} is neither a minicvt model file (models.save) nor a "
-                              f"checkpoint of `minicvt train`")
     state, _, meta = load_checkpoint(path)
     return from_checkpoint(state, meta, path, dtype)
+
+
+MAX_CONFIG_CHARS = 100_000          # a config is about 1000 characters
+
+
+def _read_model_file(z):
+    """(config, state) of a models.save file opened by NpzReader: the config first (bounded,
+    every field checked), then every array's header against the model it describes, then the
+    arrays, each refused if it holds NaN or infinity."""
+    try:
+        cfg = CvTConfig.from_json(z.read_text(CONFIG_KEY, MAX_CONFIG_CHARS))
+    except (TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        z.fail(f"its {CONFIG_KEY} is not a model configuration: {' '.join(str(e).split())}")
+    found = {k: v for k, v in z.headers.items() if k != CONFIG_KEY}
+    problem = (config_fits(cfg, len(found))
+               or state_problems(found, state_shapes(cfg)))
+    if problem:
+        z.fail(f"does not fit its own model configuration: {problem}")
+    return cfg, _read_arrays(z, found)
+
+
+def _read_arrays(z, keys):
+    """{key: array} of the checked arrays `keys`, refusing NaN and infinity."""
+    state = {}
+    for k in keys:
+        state[k] = z.read(k)
+        problem = nonfinite_problem(k, state[k])
+        if problem:
+            z.fail(problem)
+    return state
 
 
 def from_checkpoint(state, meta, path, dtype=None):
     """The model of a loaded `minicvt train` checkpoint (load_checkpoint's state and meta), in
     eval mode, with `classes` and `normalization` from its metadata."""
-    if "model_config" not in meta:
+    if not isinstance(meta, dict) or "model_config" not in meta:
         raise CheckpointError(f"{path} has no model_config in its metadata (not written by `minicvt train`)")
-    cfg = CvTConfig.from_json(json.dumps(meta["model_config"]))
+    problem = check_meta(meta)
+    if problem:
+        raise CheckpointError(f"{path}: metadata {problem}")
+    cfg = CvTConfig(**meta["model_config"])
     dtype = dtype or np.dtype(meta.get("train_config", {}).get("dtype", "float32"))
     model = _build(cfg, state, dtype, path)
     model.classes, model.normalization = meta.get("classes"), meta.get("normalization")
@@ -85,9 +115,25 @@ def _build(cfg, state, dtype, path):
 
 
 def load_weights(model, path):
-    """Load a saved file's weights into an existing model (names and shapes must match)."""
-    with np.load(path, allow_pickle=False) as f:
-        model.load_state_dict({k: f[k] for k in f.files if k != CONFIG_KEY})
+    """Load a saved file's weights (a models.save file, or a checkpoint's model) into an
+    existing model; every name and shape must match, checked before the arrays are read."""
+    with NpzReader(path, CheckpointError) as z:
+        if "meta" in z.headers and CONFIG_KEY not in z.headers:
+            state = None                                  # a checkpoint: load_checkpoint checks it
+        else:
+            found = {k: v for k, v in z.headers.items() if k != CONFIG_KEY}
+            expected = {k: (tuple(v.shape), "i" if v.dtype.kind in "iu" else "f")
+                        for k, v in model.state_dict().items()}
+            problem = state_problems(found, expected)
+            if problem:
+                z.fail(f"does not fit this model: {problem}")
+            state = _read_arrays(z, found)
+    if state is None:
+        state = load_checkpoint(path)[0]
+    try:
+        model.load_state_dict(state)
+    except ValueError as e:
+        raise CheckpointError(f"{path} does not fit this model ({e})") from e
     return model
 
 

@@ -11,20 +11,19 @@ name minicvt uses (docs/architecture.md#hugging-face-models lists both, and wher
 model differs from the official code: its exact GELU is kept, so minicvt computes what the file's
 model computes).
 """
-import json
+import math
 import re
+import reprlib
 from pathlib import Path
 
 import numpy as np
 
 from .. import backend, data
-from ..errors import BadFileError
-from .configs import CVT_13, CvTConfig
+from . import hf_weights
+from .configs import CVT_13, CvTConfig, stage_problem
 from .cvt import ConvolutionalVisionTransformer
-
-
-class PretrainedError(BadFileError):
-    """A folder that is not a Hugging Face CvT minicvt can read; the message says why."""
+from .expect import config_fits, nonfinite_problem, state_problems, state_shapes
+from .hf_weights import PretrainedError, read_json
 
 
 # transformers' CvtConfig field -> CvTConfig field, for the per-stage lists
@@ -93,15 +92,21 @@ def hf_name(official_key):
 
 
 def config_from_hf(hf, name="pretrained", image_size=224):
-    """A CvTConfig for transformers' CvtConfig as a dict (config.json). Refuses, naming the
-    field, what transformers' own model would not run or minicvt cannot represent."""
+    """A CvTConfig for transformers' CvtConfig as a dict (config.json). Refuses in one line, naming
+    the field in transformers' terms, what is of the wrong type, what transformers' own model would
+    not run and what minicvt cannot represent."""
+    if not isinstance(hf, dict):
+        raise PretrainedError(f"must hold a JSON object (transformers' CvtConfig), got {type(hf).__name__}")
     if hf.get("model_type") != "cvt":
-        raise PretrainedError(f"model_type is {hf.get('model_type')!r}, not 'cvt': not a CvT")
+        raise PretrainedError(f"model_type is {reprlib.repr(hf.get('model_type'))}, not 'cvt': not a CvT")
     stages = {}
     for theirs, ours in _FIELDS.items():
         value = hf.get(theirs, getattr(CVT_13, ours))       # transformers' defaults are CvT-13's
         if not isinstance(value, (list, tuple)):
-            raise PretrainedError(f"config.json: {theirs} must list one value per stage, got {value!r}")
+            raise PretrainedError(f"{theirs} must list one value per stage, got {reprlib.repr(value)}")
+        problem = stage_problem(ours, value)
+        if problem:
+            raise PretrainedError(f"{theirs} {problem}")
         stages[ours] = tuple(value)
     bad = [m for m in stages["qkv_proj_method"] if m != "dw_bn"]
     if bad:
@@ -110,109 +115,172 @@ def config_from_hf(hf, name="pretrained", image_size=224):
     if any(stages["cls_token"][:-1]):
         raise PretrainedError(f"cls_token {list(stages['cls_token'])}: a class token before the last "
                               f"stage (transformers sizes every class token by the last stage's width)")
-    labels = hf.get("id2label") or {}
-    num_classes = len(labels) if labels else int(hf.get("num_labels", 2))
+    num_classes = len(_labels(hf)) or hf.get("num_labels", 2)
+    channels = hf.get("num_channels", 3)
     try:
-        return CvTConfig(name=name, in_chans=int(hf.get("num_channels", 3)), num_classes=num_classes,
+        return CvTConfig(name=name, in_chans=channels, num_classes=num_classes,
                          image_size=image_size, act="gelu", attn_scale="official", pool="auto",
                          norm_eps=1e-5, **stages)
     except ValueError as e:
-        raise PretrainedError(f"config.json: {e}") from None
+        message = str(e)
+        for theirs, ours in list(_FIELDS.items()) + [("num_channels", "in_chans"), ("num_labels", "num_classes")]:
+            message = re.sub(rf"\b{ours}\b", theirs, message)        # in config.json's words
+        raise PretrainedError(message) from None
+
+
+def _labels(hf):
+    """id2label as a list of names in class order ([] if the config has none); PretrainedError
+    unless it maps every class number 0..N-1 (as text, JSON's keys) to a name."""
+    labels = hf.get("id2label") or {}
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()) \
+            or set(labels) != {str(i) for i in range(len(labels))}:
+        raise PretrainedError(f"id2label must map the class numbers 0..N-1 to names, got {reprlib.repr(labels)}")
+    return [labels[str(i)] for i in range(len(labels))]
 
 
 def preprocessing_from_hf(folder):
     """How the model's image processor prepares an image (ConvNext's, which CvT uses): from
-    preprocessor_config.json where the folder has one, else microsoft/cvt-13's."""
+    preprocessor_config.json where the folder has one, else microsoft/cvt-13's. Each value's type
+    and range is checked (PretrainedError naming the file)."""
     p = {"size": 224, "crop_pct": 224 / 256, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     path = Path(folder) / "preprocessor_config.json"
-    if path.is_file():
-        cfg = json.loads(path.read_text())
-        size = cfg.get("size", p["size"])
-        p["size"] = int(size["shortest_edge"] if isinstance(size, dict) else size)
-        p["crop_pct"] = float(cfg.get("crop_pct") or p["crop_pct"])
-        p["mean"], p["std"] = list(cfg.get("image_mean", p["mean"])), list(cfg.get("image_std", p["std"]))
-    return p
+    if not path.is_file():
+        return p
+    cfg = read_json(path, "the image processor's settings")
+    size = cfg.get("size", p["size"])
+    size = size.get("shortest_edge") if isinstance(size, dict) else size
+    crop = cfg.get("crop_pct") or p["crop_pct"]
+    mean, std = cfg.get("image_mean", p["mean"]), cfg.get("image_std", p["std"])
+
+    def numbers(v, low):
+        return isinstance(v, list) and len(v) == 3 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > low for x in v)
+    checks = [(isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= 8192, "size",
+               "a whole number of pixels from 1 to 8192 (or {'shortest_edge': it})", cfg.get("size")),
+              (isinstance(crop, (int, float)) and not isinstance(crop, bool) and 0 < crop <= 1, "crop_pct",
+               "a fraction above 0 and at most 1", crop),
+              (numbers(mean, -math.inf), "image_mean", "a list of 3 finite numbers", mean),
+              (numbers(std, 0), "image_std", "a list of 3 finite numbers above 0", std)]
+    for ok, field, what, value in checks:
+        if not ok:
+            raise PretrainedError(f"{path}: {field} must be {what}, got {reprlib.repr(value)}")
+    return {"size": size, "crop_pct": float(crop), "mean": list(mean), "std": list(std)}
 
 
-def read_tensors(folder):
-    """{transformers name: NumPy array} from model.safetensors (or the shards an index names), or
-    from pytorch_model.bin through PyTorch's weights_only loader."""
+def read_state(folder, cfg):
+    """The model's state dict (official names) from the folder's weights: model.safetensors, the
+    shards an index names, or pytorch_model.bin through PyTorch's weights_only loader. Every
+    tensor's name, dtype and shape is checked against the model of `cfg` before it is read
+    (hf_weights), and NaN and infinity are refused after."""
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    try:
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()}) \
-            if index.is_file() else [folder / "model.safetensors"]
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
-        raise PretrainedError(f"{index.name} has no readable weight_map ({e!r})") from None
-    if all(f.is_file() for f in files):
-        try:
-            from safetensors.numpy import load_file
-        except ImportError:
-            raise PretrainedError("reading model.safetensors needs the safetensors package: "
-                                  "pip install safetensors") from None
+    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+    if index.is_file() or single.is_file():
+        shards = hf_weights.shard_files(folder, index) if index.is_file() else {single: None}
+        headers, where, by_shard = {}, {}, {}
+        for shard, listed in shards.items():
+            entries = by_shard[shard] = hf_weights.safetensors_header(shard)
+            if listed is not None and sorted(entries) != sorted(listed):
+                others = sorted(set(entries) ^ set(listed))
+                raise PretrainedError(f"{shard}: its tensors are not the ones {index.name} lists for it "
+                                      f"({', '.join(others[:4])})")
+            for name in entries:
+                if name in headers:
+                    raise PretrainedError(f"{shard}: tensor {name!r} is also in {where[name].name}")
+                where[name] = shard
+            headers.update(entries)
+        source = index if index.is_file() else single
+        _check_tensors(source, hf_weights.as_checked(headers), cfg)
         tensors = {}
-        for f in files:
-            try:
-                tensors.update(load_file(str(f)))
-            except Exception as e:       # safetensors raises its own SafetensorError for a bad file
-                raise PretrainedError(f"{f.name} is not a readable safetensors file ({e})") from None
-        return tensors
+        for shard, entries in by_shard.items():
+            tensors.update(hf_weights.read_safetensors(shard, entries, list(entries)))
+        return _official(source, tensors)
     binary = folder / "pytorch_model.bin"
     if binary.is_file():
-        try:
-            import torch
-        except ImportError:
-            raise PretrainedError(f"{binary} is a PyTorch pickle: reading it needs PyTorch (pip install "
-                                  f"torch), or a model.safetensors copy of it") from None
-        try:
-            state = torch.load(binary, map_location="cpu", weights_only=True)
-        except Exception as e:           # a truncated pickle, or one holding more than tensors
-            raise PretrainedError(f"{binary.name} is not a readable PyTorch state dict ({e})") from None
-        return {k: v.detach().float().numpy() if str(v.dtype) == "torch.bfloat16" else v.detach().numpy()
-                for k, v in state.items()}
-    raise PretrainedError("no model.safetensors or pytorch_model.bin in it")
+        return _official(binary, _read_bin(binary, cfg))
+    raise PretrainedError(f"{folder}: no model.safetensors or pytorch_model.bin in it")
 
 
-def state_from_hf(tensors, model):
-    """The model's state dict from transformers' tensors; names every missing, extra and
-    mis-shaped one."""
-    own, state, extra = model.state_dict(), {}, []
+def _check_tensors(path, found, cfg):
+    """Refuse, naming them, tensors that do not fit the model of `cfg`: first the config's blocks
+    against the file's tensors (so a hostile config cannot make us list a huge expectation), then
+    every name, shape and dtype."""
+    problem = config_fits(cfg, len(found))
+    if problem:
+        raise PretrainedError(f"{path}: {problem}")
+    expected = {hf_name(k) or k: v for k, v in state_shapes(cfg).items()}
+    problem = state_problems(found, expected, what="tensors")
+    if problem:
+        raise PretrainedError(f"{path}: {problem}")
+
+
+def _official(path, tensors):
+    """{official name: array}, refusing NaN and infinity."""
     for k, v in tensors.items():
-        name = official_name(k)
-        if name is None or name not in own:
-            extra.append(k)
-        else:
-            state[name] = v
-    missing = [hf_name(k) or k for k in own if k not in state]
-    shapes = [f"{hf_name(k)} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state.items()
-              if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    problems = [f"{what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
-                for what, names in (("missing tensors", missing), ("unexpected tensors", extra),
-                                    ("tensors of the wrong shape", shapes)) if names]
-    if problems:
-        raise PretrainedError("; ".join(problems))
-    return state
+        problem = nonfinite_problem(k, v)
+        if problem:
+            raise PretrainedError(f"{path}: {problem.replace('array', 'tensor', 1)}")
+    return {official_name(k): v for k, v in tensors.items()}
+
+
+def _read_bin(binary, cfg):
+    """{transformers name: array} from pytorch_model.bin, checked before and after torch.load."""
+    members, num_bytes = hf_weights.bin_members(binary)        # one member per tensor's storage
+    problem = config_fits(cfg, members, num_bytes)
+    if problem:
+        raise PretrainedError(f"{binary}: {problem}")
+    expected = state_shapes(cfg)
+    numbers = sum(math.prod(shape) for shape, _ in expected.values())
+    if num_bytes > 8 * numbers + 2 ** 20:           # float64 is 8 bytes a number; the pickle is small
+        raise PretrainedError(f"{binary}: its members hold {num_bytes:,} bytes, far more than the "
+                              f"{numbers:,} numbers of the model its config.json describes")
+    try:
+        import torch
+    except ImportError:
+        raise PretrainedError(f"{binary} is a PyTorch pickle: reading it needs PyTorch (pip install "
+                              f"torch), or a model.safetensors copy of it") from None
+    try:
+        state = torch.load(binary, map_location="cpu", weights_only=True)
+    except Exception as e:           # a damaged pickle, or one holding more than tensors
+        raise PretrainedError(f"{binary.name} is not a readable PyTorch state dict "
+                              f"({' '.join(str(e).split())[:160]})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise PretrainedError(f"{binary}: holds {type(state).__name__}, not a state dict of named tensors")
+    def numpy_dtype(t):            # bfloat16 becomes float32; a type NumPy lacks shows as 'void'
+        name = "float32" if t.dtype == torch.bfloat16 else str(t.dtype).split(".")[-1]
+        return np.dtype(getattr(np, name, np.void))
+    found = {k: (numpy_dtype(v), tuple(v.shape)) for k, v in state.items()}
+    problem = state_problems(found, {hf_name(k) or k: v for k, v in expected.items()}, what="tensors")
+    if problem:
+        raise PretrainedError(f"{binary}: {problem}")
+    return {k: v.detach().float().numpy() if str(v.dtype) == "torch.bfloat16" else v.detach().numpy()
+            for k, v in state.items()}
 
 
 def from_pretrained(path, dtype=np.float32):
     """The CvT in a Hugging Face model folder, in eval mode on the active backend, with
-    `classes` (id2label in order) and `preprocessing` (for prepare_images)."""
+    `classes` (id2label in order) and `preprocessing` (for prepare_images). A folder that is not
+    one, or whose files are damaged or hostile, is a PretrainedError in one line naming the file;
+    nothing is allocated before it is checked (docs/files.md)."""
     folder = Path(path)
-    if not (folder / "config.json").is_file():
+    config = folder / "config.json"
+    if not config.is_file():
         raise PretrainedError(f"{folder}: not a Hugging Face model folder (no config.json); get one "
                               f"with `hf download microsoft/cvt-13 --local-dir {folder}`")
     try:
-        hf = json.loads((folder / "config.json").read_text())
+        hf = read_json(config, "a JSON object (transformers' CvtConfig)")
         preprocessing = preprocessing_from_hf(folder)
-        cfg = config_from_hf(hf, name=folder.name, image_size=preprocessing["size"])
-        model = ConvolutionalVisionTransformer(cfg, dtype=dtype, seed=0)
-        model.load_state_dict(state_from_hf(read_tensors(folder), model))
-    except PretrainedError as e:
-        raise PretrainedError(f"{folder}: {e}") from None
-    except (json.JSONDecodeError, OSError) as e:
-        raise PretrainedError(f"{folder}: unreadable ({e})") from None
-    labels = hf.get("id2label") or {}
-    model.classes = [labels.get(str(i), labels.get(i, str(i))) for i in range(cfg.num_classes)]
+        try:
+            cfg = config_from_hf(hf, name=folder.name, image_size=preprocessing["size"])
+        except PretrainedError as e:
+            raise PretrainedError(f"{config}: {e}") from None
+        state = read_state(folder, cfg)
+    except OSError as e:
+        raise PretrainedError(f"{folder}: unreadable ({' '.join(str(e).split())})") from None
+    model = ConvolutionalVisionTransformer(cfg, dtype=dtype, seed=0)
+    model.load_state_dict(state)
+    labels = _labels(hf)
+    model.classes = labels or [str(i) for i in range(cfg.num_classes)]
     model.preprocessing = preprocessing
     return model.eval()
 
