@@ -215,7 +215,15 @@ def check_meta(meta):
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    simple = {"epoch": (whole, "a whole number from 0"), "num_images": (whole, "a whole number from 0"),
+    def position(v):          # where a save inside an epoch stands (train.Trainer._save)
+        return v is None or (isinstance(v, dict) and whole(v.get("epoch")) and whole(v.get("step"), 1)
+                             and whole(v.get("seen")) and all(number(v.get(k)) for k in
+                                                              ("loss_sum", "correct", "bad", "seconds")))
+
+    # epoch: the last finished one, 0-based; -1 in a save inside the first epoch
+    simple = {"epoch": (lambda v: whole(v, -1), "a whole number from -1"),
+              "num_images": (whole, "a whole number from 0"),
+              "position": (position, "a record of the epoch, step and running sums, or null"),
               "data_fingerprint": (lambda v: isinstance(v, str), "text"),
               "best_acc": (lambda v: v is None or number(v), "a number"),
               "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),

@@ -288,12 +288,16 @@ class Trainer:
             diff = {k: (v, getattr(self.mc, k)) for k, v in asdict(saved_mc).items() if getattr(self.mc, k) != v}
             raise CheckpointError(f"{path} holds a different model configuration (saved vs now: {diff})")
         run_folder.check_resumable(self.out, meta, self.tc.epochs)
+        position = meta.get("position")
+        if position and (position["epoch"] != meta["epoch"] + 1 or position["step"] >= len(self.train_loader)):
+            raise CheckpointError(f"{path}: its position (epoch {position['epoch'] + 1}, step {position['step']}) "
+                                  f"is not inside epoch {meta['epoch'] + 2} of {len(self.train_loader)} steps")
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optim_state)
         self.start_epoch, self.best_acc, self.history = meta["epoch"] + 1, meta["best_acc"], meta["history"]
-        self.position = meta.get("position")
-        if self.position:
-            self.start_epoch = self.position["epoch"]
+        self.position = position
+        if position:
+            self.start_epoch = position["epoch"]
         self._write_metrics()
         where = run_folder.describe(meta, self.tc.epochs, len(self.train_loader))
         self.last_saved = f"{path} ({where})"
