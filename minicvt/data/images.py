@@ -28,9 +28,9 @@ import numpy as np
 
 from .download import DataError
 
-# what Image.open may recognise: the formats of photos and of image-folder datasets. MPO is
-# the JPEG variant many cameras write; PPM covers .pgm/.ppm
-FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# what Image.open may recognise: the formats of photos and of image-folder datasets. JPEG
+# includes MPO, the variant many cameras write; PPM covers .pgm/.ppm
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 
 
 def printable(text):
@@ -46,6 +46,8 @@ def decode_image(file, label):
     Refused with a DataError of one line: not an image, truncated, damaged, no pixels, more
     pixels than Image.MAX_IMAGE_PIXELS, or a mode with no standard white level."""
     from PIL import Image, ImageOps
+
+    Image.init()        # registers every format: open(formats=...) fails on one not yet loaded
 
     def open_():
         return Image.open(io.BytesIO(file) if isinstance(file, bytes) else file, formats=FORMATS)
