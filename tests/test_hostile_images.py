@@ -16,6 +16,7 @@ import io
 import json
 import lzma
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from PIL import Image
 
 from minicvt import cli
@@ -41,9 +42,8 @@ FUZZ = dict(derandomize=True, deadline=None, database=None,
 
 
 def examples(n):
-    """The suite's number of examples, or MINICVT_FUZZ_EXAMPLES times n / 20 for a longer run."""
-    scale = int(os.environ.get("MINICVT_FUZZ_EXAMPLES", "0"))
-    return max(1, scale * n // 20) if scale else n
+    """The suite's number of examples n, or MINICVT_FUZZ_EXAMPLES for a longer run."""
+    return int(os.environ.get("MINICVT_FUZZ_EXAMPLES", "0")) or n
 
 
 # -- pictures and files built by hand -----------------------------------------------------------
@@ -665,15 +665,22 @@ def _cut(data, cut):
     return None if cut is None else cut % max(1, len(data))
 
 
+def _kind(message, label):
+    """The gist of a refusal, for hypothesis' statistics (pytest --hypothesis-show-statistics)."""
+    return re.sub(r"\d+", "N", message.replace(str(label), "")).split(" (")[0].strip(": ")[:50]
+
+
 def _decode_or_refuse(data, label="train.tar: train/cat/1.png"):
     """decode_image's array, or None after checking the refusal is one line naming the file;
     with the Python-side peak memory."""
     tracemalloc.start()
     try:
         try:
-            return np.asarray(decode_image(data, label)), tracemalloc.get_traced_memory()[1]
+            got = np.asarray(decode_image(data, label))
+            event("read")
+            return got, tracemalloc.get_traced_memory()[1]
         except DataError as e:
-            one_line(e, label)
+            event(f"refused: {_kind(one_line(e, label), label)}")
             return None, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -683,7 +690,7 @@ PNG_BYTES = save(Image.fromarray(PIC), "PNG")
 JPEG_BYTES = save(Image.fromarray(SMOOTH), "JPEG", quality=90)
 
 
-@settings(max_examples=examples(60), **FUZZ)
+@settings(max_examples=examples(200), **FUZZ)
 @given(damages)
 def test_fuzz_png_is_refused_or_read_exactly(d):
     cut, flips = d
@@ -693,7 +700,7 @@ def test_fuzz_png_is_refused_or_read_exactly(d):
     assert peak < 32 << 20
 
 
-@settings(max_examples=examples(60), **FUZZ)
+@settings(max_examples=examples(200), **FUZZ)
 @given(damages)
 def test_fuzz_jpeg_is_refused_or_read(d):
     cut, flips = d
@@ -708,7 +715,7 @@ def test_fuzz_jpeg_is_refused_or_read(d):
     assert peak < 32 << 20
 
 
-@settings(max_examples=examples(40), **FUZZ)
+@settings(max_examples=examples(100), **FUZZ)
 @given(st.integers(0, 2 ** 31 - 1), st.integers(0, 2 ** 31 - 1), st.sampled_from([0, 2, 3, 4, 6]))
 def test_fuzz_png_with_lying_dimensions(w, h, colour_type):
     raw = b"".join(b"\x00" + row.tobytes() for row in PIC)               # the real 16x12 RGB rows
@@ -725,7 +732,7 @@ def test_fuzz_png_with_lying_dimensions(w, h, colour_type):
 ARCHIVES = {suffix: compress(tar_bytes()) for suffix, compress in COMPRESS.items()}
 
 
-@settings(max_examples=examples(90), **FUZZ)
+@settings(max_examples=examples(300), **FUZZ)
 @given(st.sampled_from(sorted(ARCHIVES)), damages)
 def test_fuzz_tar_is_refused_or_read_exactly(tmp_path_factory, suffix, d):
     cut, flips = d
@@ -736,8 +743,9 @@ def test_fuzz_tar_is_refused_or_read_exactly(tmp_path_factory, suffix, d):
     try:
         try:
             result = load_image_folder(path, use_cache=False)
+            event("read")
         except DataError as e:
-            one_line(e, path)
+            event(f"refused: {_kind(one_line(e, path), path)}")
             result = None
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -753,7 +761,7 @@ _KINDS = st.sampled_from([tarfile.REGTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tar
                           tarfile.FIFOTYPE, tarfile.DIRTYPE])
 
 
-@settings(max_examples=examples(60), **FUZZ)
+@settings(max_examples=examples(100), **FUZZ)
 @given(st.lists(st.tuples(st.lists(_PARTS, min_size=1, max_size=4), _KINDS,
                           st.sampled_from(["", "../../outside.png", "/etc/passwd", "train/cat/0.png"])),
                 max_size=5))
@@ -776,8 +784,10 @@ def test_fuzz_tar_member_names_and_kinds(tmp_path_factory, members):
     try:
         try:
             images, labels, classes = load_image_folder(path, use_cache=False)
+            event("read")
         except DataError as e:
             message = one_line(e, path)
+            event(f"refused: {_kind(message, path)}")
             assert "share one size" not in message           # the 3x3 picture outside was never read
             images = None
     finally:
@@ -789,7 +799,7 @@ def test_fuzz_tar_member_names_and_kinds(tmp_path_factory, members):
     assert sorted(p.name for p in d.rglob("*")) == ["box", "outside.png", "t.tar"]
 
 
-@settings(max_examples=examples(40), **FUZZ)
+@settings(max_examples=examples(100), **FUZZ)
 @given(st.sampled_from(["images.npy", "labels.npy", "meta.json"]), damages,
        st.one_of(st.none(), st.tuples(st.integers(0, 2 ** 40), st.integers(0, 2 ** 20))))
 def test_fuzz_cache_is_rebuilt_or_used_only_when_whole(tmp_path_factory, which, d, lying):

@@ -277,7 +277,9 @@ def _read_cache(paths, signature):
                 or labels.min() < 0 or labels.max() >= len(classes)):
             return None
         return images, labels, classes
-    except (OSError, ValueError, KeyError, TypeError):       # unreadable, not JSON, wrong fields
+    except Exception:
+        # unreadable, not JSON, wrong fields, or a damaged .npy header (NumPy parses it with
+        # Python's tokenizer: SyntaxError, tokenize.TokenError...): whatever it is, decode again
         return None
 
 
