@@ -7,12 +7,15 @@ pipeline.
     train_idx, val_idx = split_indices(len(labels), val_size=5000, seed=0)
     path = find_cifar10()          # $MINICVT_DATA, else the downloaded archive, else None
 """
+import lzma
 import tarfile
+import zlib
 from pathlib import Path
 
 from .cifar10 import CIFAR10_FILE, CIFAR10_MD5, CIFAR10_URL, CLASSES, fetch_cifar10, load_cifar10_archive
 from .download import DataError, default_cache_dir, download, md5sum, verified
-from .folders import load_image_files, load_image_folder
+from .folders import load_image_files, load_image_folder, open_tar
+from .images import decode_image
 from .pipeline import Loader, channel_stats, normalize, random_crop, random_hflip, resize, resize_matrix
 from .split import fingerprint, held_out, is_training_data, split_indices
 
@@ -74,8 +77,8 @@ def _is_official_archive(path):
     if not (path.is_file() and path.name.endswith((".tar.gz", ".tgz"))):
         return False
     try:
-        with tarfile.open(path, "r:gz") as tar:
+        with open_tar(path) as tar:       # a header that declares gigabytes is refused, not read
             first = tar.next()
-    except (tarfile.TarError, OSError, EOFError):
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError, DataError):
         return False                  # not a gzip tar: the image-folder loader says what is wrong
     return first is not None and first.name.split("/")[0] == OFFICIAL_FOLDER

@@ -1,17 +1,19 @@
 """Image-folder datasets: ROOT/<class>/*.jpg|png, from a directory or a .tar/.tar.gz/.tar.xz.
 
 The class index is the position of the folder name in sorted order. Images are decoded once
-(with Pillow) and cached as .npy files in the cache folder (--cache-dir, else $MINICVT_CACHE,
-else the user cache; never beside the user's data); the cache is used again only while the
-source's size and time (for a folder, those of every image in it) match.
+(images.decode_image, the one decoder of every path) and cached as .npy files in the cache
+folder (--cache-dir, else $MINICVT_CACHE, else the user cache; never beside the user's data);
+the cache is used again only while the source's size and time (for a folder, those of every
+image in it) match and its files are whole. What is refused, and why: docs/files.md.
 """
+import bz2
+import contextlib
 import gzip
 import hashlib
-import io
 import json
 import lzma
 import os
-import re
+import sys
 import tarfile
 import tempfile
 import zlib
@@ -20,79 +22,187 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .download import DataError, default_cache_dir
+from .images import decode_image, printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # a phase that may be long (decoding a dataset, a validation pass) shows a progress bar once it
 # has taken this long: a small folder in a test or a quick trial stays quiet
 PROGRESS_DELAY_S = 1.0
+# one image file of a dataset (a CIFAR-10 JPEG is 1 KB, a large photo 10 MB): checked against
+# a tar member's declared size or a file's size before a byte of it is read
+MAX_IMAGE_BYTES = 64 << 20
+# the .npy cache's layout and the decoder's rules: a cache of another version is decoded again
+# (2: EXIF orientation, 16-bit greyscale scaled, transparency on white, sizes and sums in meta)
+CACHE_VERSION = 2
+# --images: a picture more elongated than this is refused (after the central crop it would show
+# a sliver, and resizing its short side to the model's size could take gigabytes)
+MAX_ASPECT = 100
 
 
 def _is_image(name):
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
+def memory_bytes():
+    """This machine's memory in bytes (8 GiB where the system does not say): the decoded
+    dataset and, for a tar, the image files read from it are held in memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 8 << 30
+
+
 def _list_directory(root):
-    """[(class_dir, name, reader)] for every image file below root."""
+    """[(class_dir, name, read() -> bytes)] for every image file below root. A FIFO or a device
+    named x.png is left out (reading one could block, or never end)."""
     found = []
     for dirpath, _, files in os.walk(root):
         for f in files:
-            if _is_image(f):
-                p = Path(dirpath) / f
-                found.append((str(p.parent.relative_to(root)), f, p.read_bytes))
+            p = Path(dirpath) / f
+            if _is_image(f) and p.is_file():
+                d = str(p.parent.relative_to(root))
+                found.append((d, f, lambda p=p, d=d: _read_file(p, f"{root}: {d}/{p.name}")))
     return found
 
 
-def _list_tar(tar):
+def _read_file(path, label):
+    size = path.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise DataError(f"{printable(label)}: {size} bytes is more than the {MAX_IMAGE_BYTES} an "
+                        f"image file in a dataset may have")
+    return path.read_bytes()
+
+
+class _BoundedReader:
+    """The (decompressed) bytes of a tar, as tarfile reads them: no single read may ask for
+    more than an image file may have (a header declaring 4 GB is refused before tarfile
+    allocates it), nor all reads together for more than half this machine's memory (what is
+    read is kept: members are read in memory, never extracted). Seeks, which skip what is not
+    read, pass through."""
+
+    def __init__(self, stream, source):
+        self.stream, self.source = stream, source
+        self.total, self.limit = 0, memory_bytes() // 2
+        self.last = (None, b"")             # (where, bytes) of the last read, for _check_end
+
+    def read(self, n=-1):
+        if n is None or n < 0 or n > MAX_IMAGE_BYTES:
+            raise DataError(f"{printable(self.source)}: a header near byte {self.stream.tell()} declares "
+                            f"{n} bytes, more than the {MAX_IMAGE_BYTES} an image file may have; "
+                            f"refusing this archive")
+        where = self.stream.tell()
+        data = self.stream.read(n)
+        self.last = (where, data)
+        self.total += len(data)
+        if self.total > self.limit:
+            raise DataError(f"{printable(self.source)}: its images add up to more than "
+                            f"{self.limit / 1e9:.1f} GB, half this machine's memory; refusing this archive")
+        return data
+
+    def seek(self, pos, whence=0):
+        return self.stream.seek(pos, whence)
+
+    def tell(self):
+        return self.stream.tell()
+
+
+@contextlib.contextmanager
+def open_tar(path):
+    """tarfile.TarFile of a .tar, .tar.gz, .tar.xz or .tar.bz2 (told apart by their first
+    bytes), read through _BoundedReader."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    opener = (gzip.open if magic[:2] == b"\x1f\x8b" else lzma.open if magic == b"\xfd7zXZ\x00"
+              else bz2.open if magic[:3] == b"BZh" else open)
+    with opener(path, "rb") as stream, \
+            tarfile.open(fileobj=_BoundedReader(stream, path), mode="r:") as tar:
+        yield tar
+
+
+def _list_tar(tar, source):
     """Same, from a tar read in memory: members are never extracted, so names such as
-    '../x' cannot write anywhere; links and other non-files are ignored. A name that leaves
-    the archive's folder ('../x', '/x') is refused: its folder would become a class. Bytes are
-    read in archive order (a compressed stream cannot seek backwards cheaply)."""
+    '../x' cannot write anywhere; links (symbolic or hard: never followed), devices, folders
+    and other files are ignored. A name that leaves the archive's folder ('../x', '/x') is
+    refused: its folder would become a class. Bytes are read in archive order (a compressed
+    stream cannot seek backwards cheaply); each member's declared size is checked first."""
     found = []
     for m in tar:
-        if m.isfile() and _is_image(m.name):
-            p = PurePosixPath(m.name)
-            if p.is_absolute() or ".." in p.parts:
-                raise DataError(f"{tar.name}: member {m.name!r} points outside the archive's folder; "
-                                f"refusing this archive")
-            data = tar.extractfile(m).read()
-            found.append((str(p.parent), p.name, lambda data=data: data))
+        if not (m.isfile() and _is_image(m.name)):
+            continue
+        p = PurePosixPath(m.name)
+        if p.is_absolute() or ".." in p.parts:
+            raise DataError(f"{printable(source)}: member {m.name!r} points outside the archive's folder; "
+                            f"refusing this archive")
+        if m.size > MAX_IMAGE_BYTES:          # a sparse member or a run of zeros inflates cheaply
+            raise DataError(f"{printable(source)}: member {m.name!r} declares {m.size} bytes, more than "
+                            f"the {MAX_IMAGE_BYTES} an image file may have; refusing this archive")
+        data = tar.extractfile(m).read()
+        found.append((str(p.parent), p.name, lambda data=data: data))
+    _check_end(tar, source)
     return found
+
+
+def _check_end(tar, source):
+    """tarfile stops quietly at a damaged header or at the end of the data, as if the archive
+    ended there: a truncated or damaged archive would lose its last images without a word.
+    A whole archive ends with a zero block; then the rest (its padding, up to 16 MiB) is read,
+    so a .gz or .xz stream checks its CRC. The block where tarfile stopped is the one it read
+    last (seeking back to it would make a .gz or .xz stream decompress again from its start)."""
+    where, block = tar.fileobj.last
+    if where != tar.offset:
+        tar.fileobj.seek(tar.offset)
+        block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    block = block[:tarfile.BLOCKSIZE]
+    after = f"after member {tar.members[-1].name!r}" if tar.members else "at its start"
+    if len(block) < tarfile.BLOCKSIZE:
+        raise DataError(f"{printable(source)}: the archive is cut short {after} (no end-of-archive marker)")
+    if block.count(0) != tarfile.BLOCKSIZE:
+        raise DataError(f"{printable(source)}: the archive has a damaged header {after}")
+    for _ in range(16):
+        if not tar.fileobj.read(1 << 20):
+            break
 
 
 def _decode(found, source, progress=False):
-    """Group files by their folder, check they share one parent, decode to uint8 arrays (with a
+    """Group files by their folder, check they share one parent, decode each (decode_image)
+    into one uint8 (N, 3, H, W) array allocated once the first image gives H and W (with a
     progress bar: 50,000 CIFAR-10 JPEGs take about 11 s)."""
-    from PIL import Image
     from tqdm import tqdm
 
+    where = printable(source)
     if not found:
-        raise DataError(f"{source}: no .jpg/.jpeg/.png images found (expected ROOT/<class>/*.jpg)")
+        raise DataError(f"{where}: no .jpg/.jpeg/.png images found (expected ROOT/<class>/*.jpg)")
     loose = [name for d, name, _ in found if not PurePosixPath(d).name]   # d is '.' at ROOT
     if loose:
-        raise DataError(f"{source}: {loose[0]} is not inside a class folder (expected ROOT/<class>/*.jpg)")
+        raise DataError(f"{where}: {printable(loose[0])} is not inside a class folder (expected ROOT/<class>/*.jpg)")
     parents = {str(PurePosixPath(d).parent) for d, _, _ in found}
     if len(parents) != 1:
-        raise DataError(f"{source}: class folders must share one parent folder, found {sorted(parents)[:4]}")
+        raise DataError(f"{where}: class folders must share one parent folder, found "
+                        f"{printable(sorted(parents)[:4])}")
     classes = sorted({PurePosixPath(d).name for d, _, _ in found})
     index = {c: i for i, c in enumerate(classes)}
     found = sorted(found, key=lambda t: (PurePosixPath(t[0]).name, t[1]))
-    images, labels = [], []
-    for d, name, read in tqdm(found, desc=f"decoding {Path(source).name}", unit="img", leave=False,
-                              disable=not progress, delay=PROGRESS_DELAY_S):
-        try:
-            with Image.open(io.BytesIO(read())) as im:
-                a = np.asarray(im.convert("RGB"), dtype=np.uint8)     # (H, W, 3)
-        except (OSError, SyntaxError) as e:   # what Pillow raises for a file it cannot decode
-            # Pillow names the in-memory file (<_io.BytesIO object at 0x...>): name the image instead
-            reason = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e))
-            raise DataError(f"{source}: {d}/{name} is not a readable image ({reason})") from e
-        if images and a.shape != images[0].shape:
-            raise DataError(f"{source}: {d}/{name} is {a.shape[1]}x{a.shape[0]}, but the first image "
-                            f"is {images[0].shape[1]}x{images[0].shape[0]}; all must share one size")
-        images.append(a)
-        labels.append(index[PurePosixPath(d).name])
-    images = np.stack(images).transpose(0, 3, 1, 2)                  # (N, H, W, 3) -> (N, 3, H, W)
-    return np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64), classes
+    images, labels = None, np.array([index[PurePosixPath(d).name] for d, _, _ in found], dtype=np.int64)
+    for i, (d, name, read) in enumerate(tqdm(found, desc=f"decoding {Path(source).name}", unit="img",
+                                             leave=False, disable=not progress, delay=PROGRESS_DELAY_S)):
+        a = np.asarray(decode_image(read(), f"{source}: {d}/{name}"))     # (H, W, 3) uint8
+        if images is None:
+            images = _allocate(len(found), a.shape[:2], where)
+        elif a.shape[:2] != images.shape[2:]:
+            raise DataError(f"{where}: {printable(d)}/{printable(name)} is {a.shape[1]}x{a.shape[0]}, but the "
+                            f"first image is {images.shape[3]}x{images.shape[2]}; all must share one size")
+        images[i] = a.transpose(2, 0, 1)                                   # (H, W, 3) -> (3, H, W)
+    return images, labels, classes
+
+
+def _allocate(n, hw, where):
+    """uint8 (n, 3, H, W), refused in one line if it would take more than half this machine's
+    memory (a folder of large photos: each is kept at its full size)."""
+    need, memory = n * 3 * hw[0] * hw[1], memory_bytes()
+    if need > memory // 2:
+        raise DataError(f"{where}: {n} images of {hw[1]}x{hw[0]} take {need / 1e9:.1f} GB decoded, more "
+                        f"than half this machine's memory ({memory / 1e9:.1f} GB); resize them first")
+    return np.empty((n, 3) + tuple(hw), dtype=np.uint8)
 
 
 def _cache_paths(source, cache_dir=None):
@@ -131,48 +241,119 @@ def _atomic_save(path, write):
         raise
 
 
+def _sha1(a):
+    """Of an array's bytes: 0.1 s for CIFAR-10's 150 MB, against 12 s to decode it again."""
+    return hashlib.sha1(np.ascontiguousarray(a).data).hexdigest()
+
+
+def _write_cache(paths, images, labels, classes, signature):
+    """images.npy, labels.npy, then meta.json, which names their shapes and sums. meta.json goes
+    first and comes back last: a run killed in between leaves no cache, not half of one. A cache
+    that cannot be written (a full disk, a read-only folder) is said in one line and skipped."""
+    try:
+        paths["meta.json"].unlink(missing_ok=True)
+        _atomic_save(paths["images.npy"], lambda f: np.save(f, images, allow_pickle=False))
+        _atomic_save(paths["labels.npy"], lambda f: np.save(f, labels, allow_pickle=False))
+        meta = {"version": CACHE_VERSION, "classes": classes, "shape": list(images.shape),
+                "sha1": [_sha1(images), _sha1(labels)], "signature": signature}
+        _atomic_save(paths["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    except OSError as e:
+        print(f"minicvt: could not write the decoded images' cache in {printable(paths['meta.json'].parent)} "
+              f"({printable(e)}); going on without it", file=sys.stderr)
+
+
+def _read_cache(paths, signature):
+    """(images, labels, classes) from the cache if it is whole and of this source, else None
+    (decode again). A cache a killed run or a full disk left, or one damaged since, is never
+    used: each .npy header is read and checked against meta.json and the file's size before
+    anything is allocated, then the arrays' sums are checked."""
+    try:
+        if paths["meta.json"].stat().st_size > 1 << 20:          # far more than any list of classes
+            return None
+        meta = json.loads(paths["meta.json"].read_text())
+        if not (isinstance(meta, dict) and meta.get("version") == CACHE_VERSION
+                and meta.get("signature") == signature):
+            return None
+        classes, shape = meta["classes"], tuple(meta["shape"])
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+                and len(shape) == 4 and all(type(k) is int for k in shape) and shape[1] == 3):
+            return None
+        images = _read_npy(paths["images.npy"], np.uint8, shape)
+        labels = _read_npy(paths["labels.npy"], np.int64, shape[:1])
+        if (images is None or labels is None or meta["sha1"] != [_sha1(images), _sha1(labels)]
+                or labels.min() < 0 or labels.max() >= len(classes)):
+            return None
+        return images, labels, classes
+    except Exception:
+        # unreadable, not JSON, wrong fields, or a damaged .npy header (NumPy parses it with
+        # Python's tokenizer: SyntaxError, tokenize.TokenError...): whatever it is, decode again
+        return None
+
+
+def _read_npy(path, dtype, shape):
+    """The array in a .npy file if its header says exactly this dtype and C-order shape and the
+    file holds exactly that many bytes after it; else None. Nothing is allocated before the
+    checks (np.load would trust the header)."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        version = fmt.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return None
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        got_shape, fortran, got_dtype = read_header(f)
+        count = int(np.prod(shape))
+        if (got_shape != shape or fortran or got_dtype != np.dtype(dtype)
+                or os.fstat(f.fileno()).st_size != f.tell() + count * np.dtype(dtype).itemsize):
+            return None
+        return np.fromfile(f, dtype=dtype, count=count).reshape(shape)
+
+
 def load_image_folder(path, use_cache=True, cache_dir=None, progress=False):
     """images (N, 3, H, W) uint8, labels (N,) int64, classes (list of folder names).
     path: a directory ROOT/<class>/* or a tar archive of one. The decoded arrays are cached
     under cache_dir (default: $MINICVT_CACHE, else the user cache)."""
     source = Path(path)
     if not source.exists():
-        raise DataError(f"{source} does not exist")
+        raise DataError(f"{printable(source)} does not exist")
+    if not (source.is_dir() or source.is_file()):
+        raise DataError(f"{printable(source)} is neither a folder nor a file")
     paths = _cache_paths(source, cache_dir)
-    if use_cache and all(p.exists() for p in paths.values()):
-        meta = json.loads(paths["meta.json"].read_text())
-        if meta["signature"] == _signature(source):
-            return (np.load(paths["images.npy"], allow_pickle=False),
-                    np.load(paths["labels.npy"], allow_pickle=False), meta["classes"])
-    if source.is_dir():
-        images, labels, classes = _decode(_list_directory(source), source, progress)
-    else:
-        try:
-            with tarfile.open(source, "r:*") as tar:
-                images, labels, classes = _decode(_list_tar(tar), source, progress)
-        # a truncated or corrupt .gz/.xz stream raises its own errors, not TarError
-        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as e:
-            raise DataError(f"{source} is neither a folder nor a readable tar archive ({e})") from e
     if use_cache:
-        _atomic_save(paths["images.npy"], lambda f: np.save(f, images, allow_pickle=False))
-        _atomic_save(paths["labels.npy"], lambda f: np.save(f, labels, allow_pickle=False))
-        meta = {"classes": classes, "signature": _signature(source)}
-        _atomic_save(paths["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        signature = _signature(source)
+        cached = _read_cache(paths, signature)
+        if cached is not None:
+            return cached
+    if source.is_dir():
+        found = _list_directory(source)
+    else:
+        tar = None
+        try:
+            with open_tar(source) as tar:
+                found = _list_tar(tar, source)
+        # a truncated or corrupt .gz/.xz/.bz2 stream raises its own errors, not TarError
+        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+            after = f", after member {tar.members[-1].name!r}" if tar is not None and tar.members else ""
+            raise DataError(f"{printable(source)} is neither a folder nor a readable tar archive "
+                            f"({printable(' '.join(str(e).split()))}{after})") from e
+    images, labels, classes = _decode(found, source, progress)
+    if use_cache:
+        _write_cache(paths, images, labels, classes, signature)
     return images, labels, classes
 
 
 def load_image_files(paths, fit):
-    """uint8 (N, 3, H, W) from the user's image files (`--images`): each decoded by Pillow,
-    converted to RGB, and brought to one size by fit(image) -> image (a crop and a resize)."""
-    from PIL import Image
-
+    """uint8 (N, 3, H, W) from the user's image files (`--images`): each decoded by
+    decode_image (8-bit RGB, refusals in one line) and brought to one size by
+    fit(image) -> image (a crop and a resize)."""
     out = []
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                out.append(np.asarray(fit(im.convert("RGB")), dtype=np.uint8).transpose(2, 0, 1))  # -> (3, H, W)
-        except FileNotFoundError:
-            raise DataError(f"--images: {p} does not exist") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"--images: {p} is not a readable image ({e})") from e
+        label = f"--images {p}"
+        if os.path.exists(p) and not os.path.isfile(p):
+            raise DataError(f"{printable(label)} is not a file")
+        im = decode_image(p, label)
+        w, h = im.size
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise DataError(f"{printable(label)}: {w}x{h} is more elongated than 1:{MAX_ASPECT}; "
+                            f"crop it to the part to classify")
+        out.append(np.asarray(fit(im), dtype=np.uint8).transpose(2, 0, 1))   # -> (3, H, W)
     return np.stack(out)

@@ -30,9 +30,10 @@ def load_model(path):
 
 
 def read_image_files(paths, size):
-    """uint8 (N, 3, size, size) from image files: each decoded by Pillow and converted to RGB,
-    its central square cropped (so nothing is stretched), then resized to size x size with
-    Pillow's bicubic filter (which widens its support when shrinking, so it antialiases)."""
+    """uint8 (N, 3, size, size) from image files: each decoded to 8-bit RGB by
+    data.decode_image (docs/files.md), its central square cropped (so nothing is stretched),
+    then resized to size x size with Pillow's bicubic filter (which widens its support when
+    shrinking, so it antialiases)."""
     from PIL import Image
 
     def fit(im):
