@@ -222,6 +222,27 @@ def test_images_outside_a_class_folder_are_refused(tmp_path):
         load_image_folder(root, use_cache=False)
 
 
+def test_a_folder_inside_a_class_folder_is_named(tmp_path):
+    root = tmp_path / "pets"
+    for d in ("cat", "dog", "dog/puppies"):
+        (root / d).mkdir(parents=True)
+        _png(root / d / "0.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(DataError, match=r"pets: dog/puppies is a folder inside the class folder dog; a dataset is "
+                                        r"one level of class folders \(ROOT/<class>/\*.jpg\): move its images up "
+                                        r"into dog, or make it a class folder of its own$"):
+        load_image_folder(root, use_cache=False)
+
+
+def test_class_folders_under_different_parents_are_named(tmp_path):
+    root = tmp_path / "mixed"
+    for d in ("a/cat", "b/dog"):
+        (root / d).mkdir(parents=True)
+        _png(root / d / "0.png", np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(DataError, match=r"class folders must share one parent folder, found images in "
+                                        r"\['a/cat', 'b/dog'\]"):
+        load_image_folder(root, use_cache=False)
+
+
 def test_empty_folder_is_a_data_error(tmp_path):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
     with pytest.raises(DataError, match=r"no \.jpg/\.jpeg/\.png images found"):

@@ -177,8 +177,18 @@ def _decode(found, source, progress=False):
         raise DataError(f"{where}: {printable(loose[0])} is not inside a class folder (expected ROOT/<class>/*.jpg)")
     parents = {str(PurePosixPath(d).parent) for d, _, _ in found}
     if len(parents) != 1:
-        raise DataError(f"{where}: class folders must share one parent folder, found "
-                        f"{printable(sorted(parents)[:4])}")
+        # the usual cause: a folder inside a class folder (dog/puppies/*.jpg beside dog/*.jpg)
+        folders = {str(PurePosixPath(d)) for d, _, _ in found}
+        nested = sorted(d for d in folders if str(PurePosixPath(d).parent) in folders)
+        if nested:
+            inner = PurePosixPath(nested[0])
+            raise DataError(f"{where}: {printable(str(inner))} is a folder inside the class folder "
+                            f"{printable(inner.parent.name)}; a dataset is one level of class folders "
+                            f"(ROOT/<class>/*.jpg): move its images up into {printable(str(inner.parent))}, "
+                            f"or make it a class folder of its own")
+        raise DataError(f"{where}: class folders must share one parent folder, found images in "
+                        f"{printable(sorted(folders)[:4])}; a dataset is one level of class folders "
+                        f"(ROOT/<class>/*.jpg)")
     classes = sorted({PurePosixPath(d).name for d, _, _ in found})
     index = {c: i for i, c in enumerate(classes)}
     found = sorted(found, key=lambda t: (PurePosixPath(t[0]).name, t[1]))
