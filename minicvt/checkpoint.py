@@ -125,8 +125,15 @@ def load_checkpoint(path):
     are the arrays read, and NaN or infinity in any of them is refused."""
     from .models.expect import nonfinite_problem
 
+    if Path(path).is_dir():          # a run's folder, or a Hugging Face model's
+        inside = [f"{Path(path) / name}" for name in ("best.npz", "last.npz") if (Path(path) / name).is_file()]
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file" + (
+            f"; did you mean {inside[0]}?" if inside else ""))
     if not Path(path).is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if Path(path).suffix in (".safetensors", ".bin"):
+        raise CheckpointError(f"checkpoint {path} is a file of a Hugging Face model, not a checkpoint of "
+                              f"`minicvt train`; give its folder with --pretrained (minicvt.load in Python)")
     with open(path, "rb") as f:
         if f.read(6) == b"\x93NUMPY":
             raise CheckpointError(f"checkpoint {path} is a single .npy array, not a .npz checkpoint")

@@ -166,35 +166,24 @@ CACHE_HELP = ("where 'cifar10' is downloaded and decoded images are cached "
 
 
 def cmd_predict(args):
-    """The top classes of each image file, with their probabilities."""
-    from . import data
-    from .models import from_pretrained, load, prepare_images
-    from .viz import read_image_files
-    from .viz.command import predict_inputs
+    """The top classes of each image file, with their probabilities (model.predict)."""
+    from .models import from_pretrained, load
 
     backend.set_backend(args.backend)
     if (args.checkpoint is None) == (args.pretrained is None):
         raise ValueError("give either --checkpoint (a model minicvt trained) or --pretrained (a Hugging "
                          "Face CvT folder)")
-    if args.pretrained is not None:
-        model = from_pretrained(args.pretrained)
-        _, x = prepare_images(args.images, model.preprocessing)
-    else:
-        model = load(args.checkpoint)
-        if model.normalization is None:
-            raise ValueError(f"--checkpoint {args.checkpoint}: a bare model file has no input "
-                             f"normalisation; give a checkpoint of `minicvt train`")
-        images = read_image_files(args.images, model.config.image_size)
-        x = data.normalize(images, np.asarray(model.normalization["mean"]), np.asarray(model.normalization["std"]))
     if args.top < 1:
         raise ValueError(f"--top {args.top}: show at least one class")
-    probs, _ = predict_inputs(model, x)
-    top = min(args.top, probs.shape[1])
+    model = from_pretrained(args.pretrained) if args.pretrained is not None else load(args.checkpoint)
+    if model.preprocessing is None:
+        raise ValueError(f"--checkpoint {args.checkpoint}: a bare model file has no input "
+                         f"normalisation; give a checkpoint of `minicvt train`")
     width = max(len(c) for c in model.classes)
-    for path, p in zip(args.images, probs):
+    for path, ranked in zip(args.images, model.predict(args.images, top=args.top)):
         print(f"{path}:")
-        for k in np.argsort(-p, kind="stable")[:top]:
-            print(f"  {model.classes[k]:<{width}}  {p[k]:.4f}")
+        for name, p in ranked:
+            print(f"  {name:<{width}}  {p:.4f}")
     return 0
 
 

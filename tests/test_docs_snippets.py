@@ -1,6 +1,7 @@
 """Every ```python block of README.md and docs/*.md runs, so that a snippet that stops working
 fails here. The blocks of one file run in order in one namespace (a later block may use what an
-earlier one made, as a reader going down the page would), from the repository root, on NumPy."""
+earlier one made, as a reader going down the page would), on NumPy, from a folder that holds
+the repository's files and a picture, my_cat.jpg (the README's inference names one)."""
 import re
 import textwrap
 from pathlib import Path
@@ -27,9 +28,24 @@ def test_the_pages_have_snippets():
     assert {p.name for p in PAGES} >= {"README.md", "gradcheck.md", "norm.md", "training.md"}
 
 
+def reader_folder(tmp_path):
+    """Where a reader runs the snippets: the repository's files (linked, not copied) and a
+    photo of their own, my_cat.jpg, which the README's inference lines name. Anything a
+    snippet writes lands here, not in the repository."""
+    import numpy as np
+    from PIL import Image
+
+    for entry in ROOT.iterdir():
+        if entry.name != ".git":
+            (tmp_path / entry.name).symlink_to(entry)
+    pixels = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "my_cat.jpg")
+    return tmp_path
+
+
 @pytest.mark.parametrize("page", PAGES, ids=[p.relative_to(ROOT).as_posix() for p in PAGES])
-def test_python_blocks_run(page, monkeypatch):
-    monkeypatch.chdir(ROOT)
+def test_python_blocks_run(page, monkeypatch, tmp_path):
+    monkeypatch.chdir(reader_folder(tmp_path))
     previous = backend.get_backend()
     backend.set_backend("numpy")
     namespace = {"__name__": "__snippet__"}

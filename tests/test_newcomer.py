@@ -250,3 +250,130 @@ def test_predict_with_a_checkpoint_minicvt_trained(run, tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"{tmp_path / 'red.png'}:" and len(lines) == 3
     assert {line.split()[0] for line in lines[1:]} <= {"blue", "green", "red"}
+
+
+# -- 1. inference from Python that cannot be misused ----------------------------------------------
+
+SHIPPED = ROOT / "checkpoints" / "cvt-cifar-s.npz"
+
+
+def _pictures(tmp_path):
+    """Two lossless pictures of other sizes than the model's: a wide one and a tall one."""
+    rng, paths = np.random.default_rng(3), []
+    for name, hw in (("wide.png", (40, 70)), ("tall.png", (90, 50))):
+        Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    return paths
+
+
+def _printed(out):
+    """{path: [(class, probability text)]} from what `minicvt predict` printed."""
+    table, current = {}, None
+    for line in out.splitlines():
+        if not line.startswith("  "):
+            current = line.rstrip(":")
+            table[current] = []
+        else:
+            name, p = line.split()
+            table[current].append((name, p))
+    return table
+
+
+def test_load_knows_the_preprocessing_and_predict_gives_what_the_command_prints(tmp_path, capsys):
+    paths = _pictures(tmp_path)
+    model = minicvt.load(SHIPPED)
+    assert model.preprocessing == {"size": 32, "crop": "square", "crop_pct": 1.0,
+                                   "mean": model.normalization["mean"], "std": model.normalization["std"]}
+    ranked = model.predict([str(p) for p in paths], top=3)
+    assert main("predict", "--checkpoint", SHIPPED, "--images", *paths, "--top", "3") == 0
+    printed = _printed(capsys.readouterr().out)
+    assert [[(name, f"{p:.4f}") for name, p in r] for r in ranked] == [printed[str(p)] for p in paths]
+    assert all(len(r) == 3 and r[0][1] >= r[1][1] >= r[2][1] for r in ranked)
+    # uint8 pictures (N, 3, H, W) are taken as the files are; one path alone as a list of one
+    pixels = np.asarray(Image.open(paths[0]).convert("RGB")).transpose(2, 0, 1)[None]     # (1, 3, 40, 70)
+    alone = model.predict(paths[0], top=3)
+    assert model.predict(pixels, top=3) == alone
+    # (alone, not in a batch of two: float32 sums of another batch size differ in the 8th digit)
+    assert [name for name, _ in alone[0]] == [name for name, _ in ranked[0]]
+    assert np.allclose([p for _, p in alone[0]], [p for _, p in ranked[0]], rtol=1e-5)
+    # and the model is left as it was: a model in training mode stays in it
+    model.train()
+    model.predict(paths[0])
+    assert model.training
+
+
+def test_load_reads_a_hugging_face_folder_and_predict_prepares_as_its_processor(tmp_path, capsys):
+    from test_hostile_model_files import hf_folder
+    folder = hf_folder(tmp_path / "hf")
+    paths = _pictures(tmp_path)
+    model = minicvt.load(folder)
+    assert model.preprocessing["crop"] == "shortest_edge" and model.classes == ["a", "b", "c"]
+    ranked = model.predict(paths, top=2)
+    assert main("predict", "--pretrained", folder, "--images", *paths, "--top", "2") == 0
+    printed = _printed(capsys.readouterr().out)
+    assert [[(name, f"{p:.4f}") for name, p in r] for r in ranked] == [printed[str(p)] for p in paths]
+
+
+def test_predict_refuses_a_model_that_knows_no_inputs_and_arrays_that_are_no_pictures(tmp_path):
+    model = minicvt.build_model("cvt-cifar-s")
+    with pytest.raises(ValueError, match=r"cvt-cifar-s: this model does not know how its inputs were prepared"):
+        model.predict(np.zeros((1, 3, 32, 32), np.uint8))
+    path = minicvt.models.save(model, tmp_path / "bare.npz")
+    assert minicvt.load(path).preprocessing is None
+    trained = minicvt.load(SHIPPED)
+    with pytest.raises(ValueError, match=r"images: give image files, or uint8 pictures \(N, 3, H, W\); got "
+                                         r"uint8 \(1, 32, 32, 3\); pictures laid out \(N, H, W, 3\) need "
+                                         r"images.transpose\(0, 3, 1, 2\)"):
+        trained.predict(np.zeros((1, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"got float32"):
+        trained.predict(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_the_readme_inference_runs_as_written(tmp_path, monkeypatch):
+    """The README's three lines, from a folder holding the shipped checkpoint and a my_cat.jpg."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```python\n(import minicvt\nmodel = minicvt.load.*?)```", text, re.S).group(1)
+    assert len(block.strip().splitlines()) == 3, block
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / SHIPPED.name).symlink_to(SHIPPED)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(tmp_path / "my_cat.jpg")
+    monkeypatch.chdir(tmp_path)
+    printed = []
+    exec(compile(block, "README.md", "exec"), {"print": printed.append})
+    (ranked,) = printed                                      # [[(name, probability)] * 5] for one picture
+    assert len(ranked) == 1 and len(ranked[0]) == 5 and all(name in minicvt.load(SHIPPED).classes
+                                                            for name, _ in ranked[0])
+
+
+# -- 5. advice that points the right way ---------------------------------------------------------------
+
+def test_a_folder_or_a_hugging_face_file_given_as_a_checkpoint_says_what_to_give(run, tmp_path, capsys):
+    one_line_error(capsys, ["eval", "--checkpoint", run, "--data", "cifar10"],
+                   f"checkpoint {run} is a folder, not a checkpoint file; did you mean {run / 'best.npz'}?")
+    with pytest.raises(minicvt.BadFileError, match=rf"{run} is a folder, not a model file; did you mean "
+                                                   rf"{run / 'best.npz'}\?"):
+        minicvt.load(run)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(minicvt.BadFileError, match=r"is a folder, not a model file \(nor a Hugging Face folder: "
+                                                   r"it has no config.json\)"):
+        minicvt.load(empty)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    one_line_error(capsys, ["predict", "--checkpoint", weights, "--images", "x.jpg"],
+                   "is a file of a Hugging Face model: give the folder that holds it with its config.json")
+    one_line_error(capsys, ["eval", "--checkpoint", weights, "--data", "cifar10"],
+                   "is a file of a Hugging Face model, not a checkpoint of `minicvt train`; give its folder "
+                   "with --pretrained")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    err = one_line_error(capsys, ["predict", "--checkpoint", text, "--images", "x.jpg"], str(text))
+    assert "allow_pickle" not in err                         # NumPy's hint is not ours to repeat
+    with pytest.raises(minicvt.BadFileError, match=r"x.npz is a file, not a Hugging Face model folder; a model "
+                                                   r"minicvt trained loads with minicvt.load \(--checkpoint\)"):
+        minicvt.from_pretrained(_touch(tmp_path / "x.npz"))
+
+
+def _touch(path):
+    path.write_bytes(b"")
+    return path

@@ -292,6 +292,19 @@ def test_resume_of_a_finished_run_points_to_init_from(folder, tmp_path):
         make_trainer(tc, tmp_path, resuming=True).resume()
 
 
+def test_resume_refuses_a_position_outside_the_epoch(folder, tmp_path):
+    tc = tiny_run(folder, epochs=2)
+    make_trainer(tc, tmp_path, save_every="2").fit()
+    model_state, optim_state, meta = load_checkpoint(tmp_path / "last.npz")
+    meta.update(epoch=0, position={"epoch": 1, "step": 9, "loss_sum": 1.0, "correct": 0.0, "bad": 0.0,
+                                   "seen": 72, "seconds": 1.0})              # an epoch has 4 steps
+    arrays = {**{f"model/{k}": v for k, v in model_state.items()},
+              **{f"optim/{k}": np.asarray(v) for k, v in optim_state.items()}, "meta": np.array(json.dumps(meta))}
+    checkpoint.atomic_savez(tmp_path / "last.npz", arrays)
+    with pytest.raises(CheckpointError, match=r"its position \(epoch 2, step 9\) is not inside epoch 2 of 4 steps"):
+        make_trainer(tc, tmp_path, resuming=True).resume()
+
+
 def test_resume_with_nothing_saved(folder, tmp_path):
     with pytest.raises(run_folder.RunFolderError, match="last.npz does not exist: the run saved nothing"):
         make_trainer(tiny_run(folder), tmp_path, resuming=True).resume()

@@ -99,6 +99,8 @@ class ConvolutionalVisionTransformer(nn.Module):
         if cfg.num_classes < 1:
             raise ValueError(f"CvT: num_classes must be at least 1, got {cfg.num_classes}")
         self.config = cfg
+        # what a loaded model knows of its data (minicvt.load sets them): names, how inputs were made
+        self.classes = self.normalization = self.preprocessing = None
         rng = backend.host_rng(seed)                        # initial weights: same on every backend
         self.drop_rng = backend.BackendRNG(seed, "dropout")
         in_chans = cfg.in_chans
@@ -130,7 +132,7 @@ class ConvolutionalVisionTransformer(nn.Module):
     def __call__(self, x):
         """The raw forward: x (N, in_chans, H, W), float images already NORMALISED as the model
         was trained ((pixel / 255 - model.normalization['mean']) / ['std'], per channel) ->
-        logits (N, num_classes). For image files or uint8 pixels use `model.predict`.
+        logits (N, num_classes). For image files or uint8 pixels use `model.predict(images)`.
 
         Checked at the door, in one line each: an array of N images of the model's channels; not
         uint8 or other integer pixels; not floats on a 0..255 scale (a check that reads the
@@ -205,6 +207,15 @@ class ConvolutionalVisionTransformer(nn.Module):
         return dmap
 
     # -- conveniences ------------------------------------------------------------------------------
+    def predict(self, images, top=5):
+        """The `top` most probable classes of each picture, exactly as `minicvt predict` prints
+        them: images are image files (paths) or uint8 pictures (N, 3, H, W) of any size, each
+        prepared as the model's own inputs were (`self.preprocessing`, which `minicvt.load`
+        sets for a checkpoint of `minicvt train` and for a Hugging Face folder). -> one list
+        per picture of (class name, probability), most probable first (models/inputs.py)."""
+        from .inputs import predict
+        return predict(self, images, top)
+
     def num_parameters(self):
         """Trainable entries (buffers such as BN running statistics are not counted)."""
         return sum(int(p.data.size) for p in self.parameters())

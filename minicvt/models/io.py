@@ -18,6 +18,7 @@ from ..npz import NpzReader
 from .configs import CvTConfig
 from .cvt import ConvolutionalVisionTransformer
 from .expect import config_fits, nonfinite_problem, state_problems, state_shapes
+from .inputs import run_preprocessing
 
 CONFIG_KEY = "__config__"
 
@@ -35,15 +36,29 @@ def save(model, path):
 
 
 def load(path, dtype=None):
-    """Any model file minicvt writes, as a model in eval mode on the active backend (`.train()`
-    switches it back):
-    - a checkpoint of `minicvt train` (last.npz, best.npz, or an inference
-      copy such as the one shipped in checkpoints/), in its run's dtype; the model's `classes` and `normalization` (per-channel
-      mean and std on the 0..1 scale, what its inputs were normalised with) come from the run;
-    - a model file written by `save`, in its saved dtype (`classes` and `normalization` None).
+    """Any model minicvt reads, as a model in eval mode on the active backend (`.train()`
+    switches it back), ready for `model.predict(images)`:
+    - a checkpoint of `minicvt train` (last.npz, best.npz, or an inference copy such as the one
+      shipped in checkpoints/), in its run's dtype; `classes`, `normalization` (per-channel mean
+      and std on the 0..1 scale) and `preprocessing` (models/inputs.py) come from the run;
+    - a Hugging Face CvT folder (config.json and model.safetensors): `from_pretrained`;
+    - a model file written by `save`, in its saved dtype (`classes`, `normalization` and
+      `preprocessing` None: it knows no inputs).
     dtype replaces the file's. A file that is missing, damaged, hostile or not one of these is a
-    CheckpointError in one line naming it; nothing is allocated before it is checked."""
+    CheckpointError (or PretrainedError) in one line naming it; nothing is allocated before it
+    is checked."""
     path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            from .pretrained import from_pretrained
+            return from_pretrained(path, **({"dtype": dtype} if dtype else {}))
+        inside = [f"{path / name}" for name in ("best.npz", "last.npz") if (path / name).is_file()]
+        raise CheckpointError(f"{path} is a folder, not a model file" + (
+            f"; did you mean {inside[0]}?" if inside else
+            " (nor a Hugging Face folder: it has no config.json)"))
+    if path.suffix in (".safetensors", ".bin"):
+        raise CheckpointError(f"{path} is a file of a Hugging Face model: give the folder that holds it with "
+                              f"its config.json ({path.parent})")
     with NpzReader(path, CheckpointError) as z:
         model_file = CONFIG_KEY in z.headers
         if model_file:
@@ -52,7 +67,7 @@ def load(path, dtype=None):
             z.fail("is neither a minicvt model file (models.save) nor a checkpoint of `minicvt train`")
     if model_file:
         model = _build(cfg, state, dtype or state["head.weight"].dtype, path)
-        model.classes = model.normalization = None
+        model.classes = model.normalization = model.preprocessing = None
         return model.eval()
     state, _, meta = load_checkpoint(path)
     return from_checkpoint(state, meta, path, dtype)
@@ -92,7 +107,7 @@ def _read_arrays(z, keys):
 
 def from_checkpoint(state, meta, path, dtype=None):
     """The model of a loaded `minicvt train` checkpoint (load_checkpoint's state and meta), in
-    eval mode, with `classes` and `normalization` from its metadata."""
+    eval mode, with `classes`, `normalization` and `preprocessing` from its metadata."""
     if not isinstance(meta, dict) or "model_config" not in meta:
         raise CheckpointError(f"{path} has no model_config in its metadata (not written by `minicvt train`)")
     problem = check_meta(meta)
@@ -102,6 +117,7 @@ def from_checkpoint(state, meta, path, dtype=None):
     dtype = dtype or np.dtype(meta.get("train_config", {}).get("dtype", "float32"))
     model = _build(cfg, state, dtype, path)
     model.classes, model.normalization = meta.get("classes"), meta.get("normalization")
+    model.preprocessing = run_preprocessing(cfg, model.normalization) if model.normalization else None
     return model.eval()
 
 

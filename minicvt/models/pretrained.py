@@ -1,8 +1,7 @@
 """Pretrained CvTs in the Hugging Face format, read in NumPy (no PyTorch at run time).
 
-    model = minicvt.from_pretrained("cvt-13")               # a folder as `hf download microsoft/cvt-13` writes it
-    shown, x = prepare_images(["cat.jpg"], model.preprocessing)   # uint8 crops (N, 3, S, S), inputs (N, 3, S, S)
-    probs = softmax(model(x))                               # names: model.classes
+    model = minicvt.load("cvt-13")              # a folder as `hf download microsoft/cvt-13` writes it
+    model.predict(["cat.jpg"], top=5)           # [[('tabby, tabby cat', 0.6), ...]]: models/inputs.py
 
 A folder holds config.json (transformers' CvtConfig) and model.safetensors, or pytorch_model.bin
 (a pickle: read only where PyTorch is installed, with its weights_only loader), and perhaps
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import backend, data
+from .. import backend
 from . import hf_weights
 from .configs import CVT_13, CvTConfig, stage_problem
 from .cvt import ConvolutionalVisionTransformer
@@ -142,7 +141,8 @@ def preprocessing_from_hf(folder):
     """How the model's image processor prepares an image (ConvNext's, which CvT uses): from
     preprocessor_config.json where the folder has one, else microsoft/cvt-13's. Each value's type
     and range is checked (PretrainedError naming the file)."""
-    p = {"size": 224, "crop_pct": 224 / 256, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    p = {"size": 224, "crop": "shortest_edge", "crop_pct": 224 / 256, "mean": [0.485, 0.456, 0.406],
+         "std": [0.229, 0.224, 0.225]}
     path = Path(folder) / "preprocessor_config.json"
     if not path.is_file():
         return p
@@ -164,7 +164,7 @@ def preprocessing_from_hf(folder):
     for ok, field, what, value in checks:
         if not ok:
             raise PretrainedError(f"{path}: {field} must be {what}, got {reprlib.repr(value)}")
-    return {"size": size, "crop_pct": float(crop), "mean": list(mean), "std": list(std)}
+    return {"size": size, "crop": "shortest_edge", "crop_pct": float(crop), "mean": list(mean), "std": list(std)}
 
 
 def read_state(folder, cfg):
@@ -259,11 +259,15 @@ def _read_bin(binary, cfg):
 
 def from_pretrained(path, dtype=np.float32):
     """The CvT in a Hugging Face model folder, in eval mode on the active backend, with
-    `classes` (id2label in order) and `preprocessing` (for prepare_images). A folder that is not
+    `classes` (id2label in order) and `preprocessing` (models/inputs.py: for `predict`). A folder that is not
     one, or whose files are damaged or hostile, is a PretrainedError in one line naming the file;
     nothing is allocated before it is checked (docs/files.md)."""
     folder = Path(path)
     config = folder / "config.json"
+    if folder.is_file():
+        raise PretrainedError(f"{folder} is a file, not a Hugging Face model folder" + (
+            "; a model minicvt trained loads with minicvt.load (--checkpoint)" if folder.suffix == ".npz"
+            else f"; give the folder that holds its config.json ({folder.parent})"))
     if not config.is_file():
         raise PretrainedError(f"{folder}: not a Hugging Face model folder (no config.json); get one "
                               f"with `hf download microsoft/cvt-13 --local-dir {folder}`")
@@ -288,25 +292,3 @@ def from_pretrained(path, dtype=np.float32):
 def export_hf_state_dict(model):
     """{transformers name: NumPy array}: loads into transformers' CvtForImageClassification."""
     return {hf_name(k): backend.to_numpy(v).copy() for k, v in model.state_dict().items()}
-
-
-def prepare_images(paths, preprocessing):
-    """(shown uint8 (N, 3, S, S), x float32 (N, 3, S, S)) for image files, as the model's image
-    processor prepares them: below 384 pixels the shorter side resized to S / crop_pct (bicubic)
-    and the central S x S cropped, from 384 on resized to S x S; then scaled to 0..1 and
-    normalised with the mean and std. `shown` is the crop, for drawing."""
-    from PIL import Image          # imported where it is used, as data.folders does: a slow import
-
-    S = preprocessing["size"]
-
-    def fit(im):
-        if S >= 384:
-            return im.resize((S, S), Image.BICUBIC)
-        w, h = im.size
-        edge = int(S / preprocessing["crop_pct"])
-        w, h = (edge, int(edge * h / w)) if w <= h else (int(edge * w / h), edge)
-        left, top = (w - S) // 2, (h - S) // 2                      # as transformers' center_crop
-        return im.resize((w, h), Image.BICUBIC).crop((left, top, left + S, top + S))
-
-    shown = data.load_image_files(paths, fit)
-    return shown, data.normalize(shown, np.asarray(preprocessing["mean"]), np.asarray(preprocessing["std"]))

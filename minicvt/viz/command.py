@@ -10,6 +10,7 @@ import numpy as np
 from .. import backend, data
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..models import from_checkpoint, from_pretrained, prepare_images
+from ..models.inputs import fit
 from .figures import plot_cls_attention, plot_grid, plot_query_attention, plot_rollout
 from .maps import capture_attention, rollout
 
@@ -34,15 +35,7 @@ def read_image_files(paths, size):
     data.decode_image (docs/files.md), its central square cropped (so nothing is stretched),
     then resized to size x size with Pillow's bicubic filter (which widens its support when
     shrinking, so it antialiases)."""
-    from PIL import Image
-
-    def fit(im):
-        w, h = im.size
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        return im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
-
-    return data.load_image_files(paths, fit)
+    return data.load_image_files(paths, lambda im: fit(im, {"size": size, "crop": "square"}))
 
 
 def predict(model, meta, images):
