@@ -39,10 +39,14 @@ class CheckpointError(BadFileError, RuntimeError):
 
 
 def _default_file_mode():
-    """The mode open() would give a new file: 0o666 less the process's umask."""
+    """The mode open() would give a new file: 0o666 less the process's umask (read once, at
+    import: reading it means setting it, which must not race with threads creating files)."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+FILE_MODE = _default_file_mode()
 
 
 class SaveError(OSError):
@@ -63,7 +67,7 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _default_file_mode())         # mkstemp makes 0600; give the usual mode
+        os.chmod(tmp, FILE_MODE)                     # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
         _fsync_folder(path.parent)
     except BaseException as e:
@@ -96,10 +100,11 @@ def atomic_savez(path, arrays):
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def remove_temporaries(folder):
-    """Remove the temporary files a killed save left in `folder` (`.NAME.<random>.tmp`);
-    -> their names. Nothing ever reads them, so this only frees the space."""
-    found = sorted(Path(folder).glob(f".*{TEMP_SUFFIX}")) if Path(folder).is_dir() else []
+def remove_temporaries(folder, names):
+    """Remove the temporaries that killed saves of the files `names` left in `folder`
+    (`.last.npz.<random>.tmp`), and nothing else; -> their names. Nothing ever reads them, so
+    this only frees the space."""
+    found = sorted(f for name in names for f in Path(folder).glob(f".{name}.*{TEMP_SUFFIX}"))
     for f in found:
         f.unlink(missing_ok=True)
     return [f.name for f in found]
@@ -232,9 +237,12 @@ def check_meta(meta):
               "num_images": (whole, "a whole number from 0"),
               "position": (position, "a record of the epoch, step and running sums, or null"),
               "data_fingerprint": (lambda v: isinstance(v, str), "text"),
-              "best_acc": (lambda v: v is None or number(v), "a number"),
-              "history": (lambda v: isinstance(v, list) and all(isinstance(h, dict) for h in v),
-                          "a list of records (one per epoch)"),
+              "best_acc": (number, "a number"),
+              # the trainer reads these entries of every record (the curves, the last line)
+              "history": (lambda v: isinstance(v, list) and all(
+                  isinstance(h, dict) and whole(h.get("epoch"), 1)
+                  and all(number(h.get(k)) for k in ("train_loss", "train_acc")) for h in v),
+                          "a list of records, one per epoch, each with its epoch, train_loss and train_acc"),
               "inference_copy": (lambda v: isinstance(v, dict), "a record"),
               "train_config": (lambda v: isinstance(v, dict), "a record of settings"),
               "model_config": (lambda v: isinstance(v, dict), "a record of the model's fields")}
@@ -269,12 +277,15 @@ def check_meta(meta):
 
 
 def _train_config_problem(tc):
-    """What is wrong with the types of a saved train_config's settings, or None. The types are
-    TrainConfig's own; a setting it does not know is left to TrainConfig."""
+    """What is wrong with a saved train_config's settings, or None: a setting TrainConfig does
+    not know, or one of another type than TrainConfig's own."""
     import dataclasses
 
     from .train import TrainConfig              # here: train imports this module
     words = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}
+    unknown = sorted(set(tc) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:             # a newer minicvt's setting: this one cannot run it as that one would
+        return f"settings this minicvt does not know: {reprlib.repr(unknown)} (written by a newer version?)"
     for f in dataclasses.fields(TrainConfig):
         if f.name not in tc:
             continue

@@ -14,6 +14,7 @@ Errors print one line on stderr and exit non-zero.
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -77,11 +78,7 @@ def cmd_train(args):
             raise ValueError("give --resume (continue the run in --out) or --overwrite (delete it and "
                              "start over), not both")
         # the run's settings come from its checkpoint; a flag given now must agree with them
-        last = Path(args.out) / "last.npz"
-        if not last.is_file():
-            raise run_folder.RunFolderError(
-                f"--resume: {last} does not exist: the run saved nothing before it stopped (it saves every "
-                f"few minutes, --save-every, and when stopped by Ctrl-C); start it again without --resume")
+        last = run_folder.last_checkpoint(args.out)
         _, optim_state, meta = load_checkpoint(last)
         if not optim_state:
             raise CheckpointError(f"{last} holds no optimiser state (best.npz and inference copies are "
@@ -118,11 +115,12 @@ def _done_line(trainer, out):
     """The run's last line: where its best model is, and what 'best' counted (only epochs at
     full size, whose validation accuracy is the one `minicvt eval` reproduces)."""
     full = trainer.mc.image_size
-    best = [h for h in trainer.history if h["image_size"] == full and "val_acc" in h
+    # (a run from before progressive resizing has no image_size in its records: all at full size)
+    best = [h for h in trainer.history if h.get("image_size", full) == full and "val_acc" in h
             and h["val_acc"] == trainer.best_acc]
     if not best:          # --val-size 0: best.npz is the full-size epoch of lowest training loss
         return f"done: no validation images (--val-size 0); checkpoints in {out}"
-    smaller = any(h["image_size"] != full for h in trainer.history)
+    smaller = any(h.get("image_size", full) != full for h in trainer.history)
     note = (" (the epochs at smaller sizes validated on smaller images and are not counted)"
             if smaller else "")
     return (f"done: best validation accuracy {trainer.best_acc:.4f} at full size ({full}x{full}), "
@@ -336,11 +334,11 @@ def main(argv=None):
 
 def _resume_command(args):
     """`minicvt train --resume` for this run, with the flags a checkpoint does not store."""
-    command = f"minicvt train --resume --out {args.out}"
+    command = f"minicvt train --resume --out {shlex.quote(str(args.out))}"    # quoted: ready to paste
     if args.backend != "numpy":
         command += f" --backend {args.backend}"
     if args.cache_dir:
-        command += f" --cache-dir {args.cache_dir}"
+        command += f" --cache-dir {shlex.quote(str(args.cache_dir))}"
     return command
 
 

@@ -42,7 +42,17 @@ def clear(folder):
     """Delete what a previous run wrote in `folder` (OUTPUTS and temporaries), nothing else."""
     for name in OUTPUTS:
         (Path(folder) / name).unlink(missing_ok=True)
-    remove_temporaries(folder)
+    remove_temporaries(folder, OUTPUTS)
+
+
+def last_checkpoint(folder):
+    """folder/last.npz, which --resume continues from; RunFolderError if the run saved none."""
+    last = Path(folder) / "last.npz"
+    if not last.is_file():
+        raise RunFolderError(f"--resume: {last} does not exist: the run saved nothing before it stopped (it "
+                             f"saves every few minutes, --save-every, and when stopped by Ctrl-C); start it "
+                             f"again without --resume")
+    return last
 
 
 def position(meta, epochs):
@@ -84,4 +94,7 @@ def parse_save_every(text):
     value, unit = float(m.group(1)), m.group(2)
     if unit is None:
         return int(value), None
-    return None, value * (60.0 if unit in ("m", "min") else 1.0)
+    seconds = value * (60.0 if unit in ("m", "min") else 1.0)
+    if seconds < 1:                  # a save (two flushes to disk) after nearly every step
+        raise ValueError(f"--save-every {text!r}: at least 1 s; to save after every step, give 1 (steps)")
+    return None, seconds

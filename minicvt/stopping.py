@@ -6,7 +6,7 @@ SIGTERM ends the process at once: either way the steps since the last checkpoint
 Inside `StopSignals` the first of these signals only raises a flag; the training loop looks at
 it after every step, saves a checkpoint and raises `Interrupted`. A second signal means "stop
 now": it raises KeyboardInterrupt at once (a checkpoint being written is then left as it was
-before, since saves are atomic).
+before, since saves are atomic), and the run exits with 130 whichever signal it was.
 
     with StopSignals() as stop:
         for step in ...:
@@ -15,6 +15,7 @@ before, since saves are atomic).
                 save(); raise Interrupted(stop.signal_name, ...)
 """
 import signal
+import sys
 import threading
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -51,6 +52,10 @@ class StopSignals:
         if self.requested:                  # the second signal: the user means it
             raise KeyboardInterrupt
         self.signal_number = signum
+        # said at once, above the progress bar: the step (or the epoch's validation) may take a while
+        from tqdm import tqdm
+        tqdm.write(f"{signal.Signals(signum).name}: stopping after this step, with a save "
+                   f"(once more to stop at once, from the last save)", file=sys.stderr)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -59,6 +64,7 @@ class StopSignals:
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            if handler is not None:           # None: a handler not installed from Python
+                signal.signal(s, handler)
         self._previous = {}
         return False

@@ -136,9 +136,12 @@ class EpochSums:
 
     def __init__(self, saved=None):
         saved, xp = saved or {}, backend.xp()
-        self.loss_sum, self.correct, self.bad = (xp.asarray(saved.get(k, 0.0), dtype=xp.float64)
-                                                 for k in ("loss_sum", "correct", "bad"))
-        self.seen, self.earlier, self.start = saved.get("seen", 0), saved.get("seconds", 0.0), time.perf_counter()
+        self.loss_sum = xp.asarray(saved.get("loss_sum", 0.0), dtype=xp.float64)
+        self.correct = xp.asarray(saved.get("correct", 0.0), dtype=xp.float64)
+        self.bad = xp.asarray(saved.get("bad", 0.0), dtype=xp.float64)
+        self.seen = saved.get("seen", 0)
+        self.earlier = saved.get("seconds", 0.0)          # spent before the run was stopped
+        self.start = time.perf_counter()
 
     def add(self, loss, logits, y, num_classes):
         """One step's loss (scalar), logits (B, K) and labels (B,)."""
@@ -250,9 +253,10 @@ class Trainer:
         self._check_finite(epoch, position)
         if improved:
             save_checkpoint(self.out / "best.npz", self.model, None, self._meta(epoch))
-        save_checkpoint(self.out / "last.npz", self.model, self.optimizer, self._meta(epoch, position))
-        steps = len(self.train_loader)
-        self.last_saved = f"{self.out / 'last.npz'} ({run_folder.describe(self._meta(epoch, position), self.tc.epochs, steps)})"
+        meta = self._meta(epoch, position)
+        save_checkpoint(self.out / "last.npz", self.model, self.optimizer, meta)
+        where = run_folder.describe(meta, self.tc.epochs, len(self.train_loader))
+        self.last_saved = f"{self.out / 'last.npz'} ({where})"         # named if the run fails later
         self._saved_at = time.monotonic()
 
     def _check_finite(self, epoch, position):
@@ -272,17 +276,18 @@ class Trainer:
     def resume(self):
         """Continue from out/last.npz: weights, optimiser state, history, and where it stopped
         (after an epoch, or inside one: its step and running sums)."""
-        path = self.out / "last.npz"
-        if not path.is_file():
-            raise run_folder.RunFolderError(
-                f"--resume: {path} does not exist: the run saved nothing before it stopped (it saves every "
-                f"few minutes, --save-every, and when stopped by Ctrl-C); start it again without --resume")
+        path = run_folder.last_checkpoint(self.out)
         model_state, optim_state, meta = load_checkpoint(path)
         saved = asdict(TrainConfig.from_saved(meta["train_config"]))
         if saved != asdict(self.tc):
             diff = {k: (saved.get(k), v) for k, v in asdict(self.tc).items() if saved.get(k) != v}
             raise CheckpointError(f"{path} was written by a run with other settings "
                                   f"(saved vs now: {diff}); use another --out or the same settings")
+        if meta.get("data_fingerprint", self.data_fingerprint) != self.data_fingerprint:
+            # other images would give other batches: the run would not continue, it would change
+            raise CheckpointError(f"{path} was written by a run on other images than --data {self.tc.data} "
+                                  f"holds now (a folder that gained or lost images?); resume it on the "
+                                  f"same data, or start a new run with --init-from {path}")
         saved_mc = CvTConfig.from_json(json.dumps(meta["model_config"]))
         if saved_mc != self.mc:
             diff = {k: (v, getattr(self.mc, k)) for k, v in asdict(saved_mc).items() if getattr(self.mc, k) != v}
@@ -333,39 +338,39 @@ class Trainer:
         resumed = self.position if self.position and self.position["epoch"] == epoch else None
         self.position = None
         first, sums = (resumed["step"] if resumed else 0), EpochSums(resumed)
-        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{tc.epochs} at {size}x{size}",
-                   disable=not self.progress, leave=False)
         batches, read_at = self.train_loader.epoch(epoch, self._resize_to(size), start=first), time.monotonic()
-        for i, (x, y) in enumerate(batches, start=first):
-            optimizer.lr = schedules.cosine_lr(epoch * steps + i, total_steps, tc.lr, warmup, tc.min_lr)
-            model.drop_rng.at(epoch, i)                  # this step's dropout masks: keyed (seed, epoch, i)
-            model.zero_grad()
-            logits = model.forward(x)                    # (B, K)
-            loss = criterion.forward(logits, y)          # scalar
-            model.backward(criterion.backward())         # fills every param.grad
-            if tc.clip_grad:
-                clip_grad_norm(model.parameters(), tc.clip_grad)
-            optimizer.step()
+        # `with`: the bar is closed (its line cleared) however the epoch ends, so that an error
+        # or the resume command is printed on a line of its own
+        with tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{tc.epochs} at {size}x{size}",
+                  disable=not self.progress, leave=False) as bar:
+            for i, (x, y) in enumerate(batches, start=first):
+                optimizer.lr = schedules.cosine_lr(epoch * steps + i, total_steps, tc.lr, warmup, tc.min_lr)
+                model.drop_rng.at(epoch, i)              # this step's dropout masks: keyed (seed, epoch, i)
+                model.zero_grad()
+                logits = model.forward(x)                # (B, K)
+                loss = criterion.forward(logits, y)      # scalar
+                model.backward(criterion.backward())     # fills every param.grad
+                if tc.clip_grad:
+                    clip_grad_norm(model.parameters(), tc.clip_grad)
+                optimizer.step()
 
-            sums.add(loss, logits, y, self.mc.num_classes)
-            # every log_seconds of the host's time, and at the first step (the bar shows the
-            # loss from its first update) and the last: one read-back each, never one a step
-            if i == first or i == steps - 1 or time.monotonic() - read_at >= self.log_seconds:
-                read_at = time.monotonic()
-                train_loss, train_acc = self._read_progress(epoch, i, sums)
-                bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}",
-                                img_s=f"{sums.seen / sums.seconds():.0f}")
-            bar.update(1)
-            # (the epoch's last step is saved with the epoch, after its validation)
-            if i < steps - 1 and (stop.requested or self._save_due(epoch * steps + i)):
-                self._read_progress(epoch, i, sums)     # a NaN loss stops the run, unsaved
-                self._save(epoch - 1, position={"epoch": epoch, "step": i + 1, **sums.state()})
-                if stop.requested:
-                    bar.close()
-                    raise Interrupted(f"stopped by {stop.signal_name} in epoch {epoch + 1} after step {i + 1} "
-                                      f"of {steps}; saved {self.out / 'last.npz'}", stop.signal_number)
+                sums.add(loss, logits, y, self.mc.num_classes)
+                # every log_seconds of the host's time, and at the first step (the bar shows the
+                # loss from its first update) and the last: one read-back each, never one a step
+                if i == first or i == steps - 1 or time.monotonic() - read_at >= self.log_seconds:
+                    read_at = time.monotonic()
+                    train_loss, train_acc = self._read_progress(epoch, i, sums)
+                    bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}",
+                                    img_s=f"{sums.seen / sums.seconds():.0f}")
+                bar.update(1)
+                # (the epoch's last step is saved with the epoch, after its validation)
+                if i < steps - 1 and (stop.requested or self._save_due(epoch * steps + i)):
+                    self._read_progress(epoch, i, sums)     # a NaN loss stops the run, unsaved
+                    self._save(epoch - 1, position={"epoch": epoch, "step": i + 1, **sums.state()})
+                    if stop.requested:
+                        raise Interrupted(f"stopped by {stop.signal_name} in epoch {epoch + 1} after step "
+                                          f"{i + 1} of {steps}; saved {self.out / 'last.npz'}", stop.signal_number)
         backend.synchronize()
-        bar.close()
         seconds = sums.seconds()
         return {"image_size": size, "train_loss": train_loss, "train_acc": train_acc,
                 "seconds": seconds, "images_per_s": sums.seen / seconds, "lr": optimizer.lr}
@@ -392,7 +397,7 @@ class Trainer:
         if self.overwrite:
             run_folder.clear(self.out)
             self.overwrite = False
-        remove_temporaries(self.out)          # left by a save that was killed: never read
+        remove_temporaries(self.out, run_folder.OUTPUTS)   # left by a save that was killed: never read
         self._saved_at = time.monotonic()
         with StopSignals() as stop:
             for epoch in range(self.start_epoch, self.tc.epochs):

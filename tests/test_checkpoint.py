@@ -139,7 +139,9 @@ def test_a_save_flushes_the_file_then_the_folder_after_the_rename(tmp_path, monk
 
 
 def test_temporaries_of_killed_saves_are_removed_and_nothing_else(tmp_path):
-    for name in (".last.npz.x1y2.tmp", ".metrics.jsonl.abc.tmp", "last.npz", "notes.tmp", ".hidden"):
+    for name in (".last.npz.x1y2.tmp", ".metrics.jsonl.abc.tmp", "last.npz", "notes.tmp", ".hidden",
+                 ".my-notes.tmp"):
         (tmp_path / name).write_bytes(b"x")
-    assert checkpoint.remove_temporaries(tmp_path) == [".last.npz.x1y2.tmp", ".metrics.jsonl.abc.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "last.npz", "notes.tmp"]
+    names = ("last.npz", "best.npz", "metrics.jsonl")
+    assert checkpoint.remove_temporaries(tmp_path, names) == [".last.npz.x1y2.tmp", ".metrics.jsonl.abc.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", ".my-notes.tmp", "last.npz", "notes.tmp"]

@@ -208,8 +208,10 @@ def test_a_signal_saves_inside_the_epoch_and_prints_the_resume_command(folder, t
     monkeypatch.setattr(minicvt.optim.SGD, "step", step_then_signal)
     assert main(*argv) == 128 + getattr(signal, sig)
     captured = capsys.readouterr()
-    # the reason, then the command alone on its own line, on stderr
-    assert captured.err == (f"minicvt train: stopped by {sig} in epoch 2 after step 1 of 2; saved "
+    # at once, what will happen; then the reason, and the command alone on its own line, on stderr
+    assert captured.err == (f"{sig}: stopping after this step, with a save (once more to stop at once, from "
+                            f"the last save)\n"
+                            f"minicvt train: stopped by {sig} in epoch 2 after step 1 of 2; saved "
                             f"{out / 'last.npz'}; continue with:\n{resume_command(out, name)}\n")
     meta = load_checkpoint(out / "last.npz")[2]
     assert meta["position"]["epoch"] == 1 and meta["position"]["step"] == 1

@@ -87,7 +87,7 @@ def base_meta():
             "model_config": json.loads(CFG.to_json()), "classes": ["a", "b", "c"], "num_images": 30,
             "normalization": {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]},
             "data_fingerprint": "0123456789abcdef", "best_acc": 0.5,
-            "history": [{"epoch": 1, "train_loss": 1.0, "val_acc": 0.5}]}
+            "history": [{"epoch": 1, "train_loss": 1.0, "train_acc": 0.4, "val_acc": 0.5}]}
 
 
 def checkpoint_arrays(model=None):
@@ -263,6 +263,12 @@ BAD_CHECKPOINTS = {
                                                              "correct": 1.0, "bad": 0.0, "seconds": 1.0})},
                      r"metadata position must be a record"),
     "train_config list": (lambda a: {**a, "meta": _meta(train_config=[1])}, r"train_config must be a record"),
+    "unknown setting": (lambda a: {**a, "meta": _meta(train_config={"lr": 0.1, "future_setting": 1})},
+                        r"train_config: settings this minicvt does not know: \['future_setting'\] \(written by a "
+                        r"newer version\?\)"),
+    "best_acc null": (lambda a: {**a, "meta": _meta(best_acc=None)}, r"metadata best_acc must be a number, got None"),
+    "history record empty": (lambda a: {**a, "meta": _meta(history=[{}])},
+                             r"history must be a list of records, one per epoch, each with its epoch, train_loss"),
     "lr text": (lambda a: {**a, "meta": _meta(train_config={"lr": "0.1"})},
                 r"train_config: lr must be a finite number, got '0.1'"),
     "epochs float": (lambda a: {**a, "meta": _meta(train_config={"epochs": 2.5})},

@@ -195,6 +195,46 @@ def test_nan_before_any_save_says_none_was_saved(folder, tmp_path):
     assert not (tmp_path / "last.npz").exists()
 
 
+def test_an_error_inside_the_epoch_closes_the_progress_bar(folder, tmp_path):
+    """Else the CLI's one-line error would be printed on the bar's line."""
+    from tqdm import tqdm
+    trainer = Trainer(tiny_run(folder, epochs=2), tmp_path, model_config=tiny_config(), progress=True,
+                      log=lambda *a: None)
+    trainer.model.head.weight.data[0, 0] = np.nan
+    with pytest.raises(DivergedError):
+        trainer.fit()
+    assert len(tqdm._instances) == 0
+
+
+def test_a_signal_during_validation_stops_after_the_epochs_save(folder, tmp_path, monkeypatch):
+    import minicvt.train as train_module
+    trainer = make_trainer(tiny_run(folder, epochs=3), tmp_path)
+    real_evaluate, calls = train_module.evaluate, []
+
+    def evaluate_then_signal(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)             # while epoch 1 is validated
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr(train_module, "evaluate", evaluate_then_signal)
+    with pytest.raises(Interrupted, match=r"stopped by SIGTERM after epoch 1 of 3; saved .*last.npz") as stopped:
+        trainer.fit()
+    assert stopped.value.exit_code == 143
+    meta = load_checkpoint(tmp_path / "last.npz")[2]
+    assert meta["epoch"] == 0 and meta["position"] is None and len(meta["history"]) == 1
+
+
+def test_resume_on_other_images_is_refused(folder, tmp_path):
+    """A folder that gained an image would give other batches: not a continuation."""
+    import shutil
+    data_copy = shutil.copytree(folder, tmp_path / "images")
+    tc = tiny_run(data_copy, epochs=2)
+    make_trainer(tc, tmp_path / "run", save_every="2").fit()
+    shutil.copy(data_copy / "red" / "0.png", data_copy / "red" / "extra.png")
+    with pytest.raises(CheckpointError, match=r"was written by a run on other images than --data .* holds now"):
+        make_trainer(tc, tmp_path / "run", resuming=True).resume()
+
+
 def test_weights_that_are_not_finite_are_never_saved(folder, tmp_path, monkeypatch):
     """The loss of a step is computed before its update: an update that makes a weight NaN is
     seen by the next loss, or by the check every save makes first."""
@@ -251,7 +291,7 @@ def test_save_every_reads_minutes_seconds_and_steps(text, expected):
     assert run_folder.parse_save_every(text) == expected
 
 
-@pytest.mark.parametrize("text", ["0", "-3", "2.5", "5h", "m", ""])
+@pytest.mark.parametrize("text", ["0", "-3", "2.5", "5h", "m", "", "0.5s"])
 def test_save_every_refuses_what_it_cannot_read(text):
     with pytest.raises(ValueError, match="--save-every"):
         run_folder.parse_save_every(text)
