@@ -18,8 +18,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from . import backend, gradcheck, kernels
 
 # Each command imports what only it uses inside its function, so that the others start without

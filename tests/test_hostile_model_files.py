@@ -29,8 +29,8 @@ from numpy.lib import format as npy
 
 import minicvt
 from minicvt import BadFileError, backend, cli
-from minicvt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from minicvt.models import PretrainedError, build_model, export_hf_state_dict, from_pretrained, load, save
+from minicvt.checkpoint import load_checkpoint
+from minicvt.models import build_model, export_hf_state_dict, from_pretrained, load, save
 from minicvt.models.configs import CVT_CIFAR_S
 from minicvt.models.expect import state_shapes
 from minicvt.optim import AdamW

@@ -160,6 +160,19 @@ def test_input_that_is_not_normalised_float_images_is_refused_at_the_door():
     assert model(pixels.astype(np.float32) / 255).shape == (2, 10)
 
 
+def test_the_scale_check_allows_the_models_own_normalisation():
+    """Images of small spread (std 0.02: medical scans, say) normalise to values far beyond 20:
+    a model that knows its normalisation accepts them."""
+    model = minicvt.build_model("cvt-cifar-s")
+    x = np.full((1, 3, 32, 32), 30.0, np.float32)            # (1 - 0.4) / 0.02 = 30
+    with pytest.raises(ValueError, match="look like pixels on a 0..255 scale"):
+        model(x)
+    model.normalization = {"mean": [0.4] * 3, "std": [0.02] * 3}
+    assert model(x).shape == (1, 10)
+    with pytest.raises(ValueError, match="look like pixels on a 0..255 scale"):
+        model(np.full((1, 3, 32, 32), 255.0, np.float32) * 0.4)        # beyond twice that reach
+
+
 def test_another_float_dtype_is_cast_to_the_models():
     model = minicvt.build_model("cvt-cifar-s").eval()
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32))

@@ -12,15 +12,16 @@ import gzip
 import hashlib
 import json
 import lzma
+import math
 import os
 import sys
 import tarfile
-import tempfile
 import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from ..atomic import atomic_write, remove_temporaries
 from .download import DataError, default_cache_dir
 from .images import decode_image, printable
 
@@ -238,19 +239,6 @@ def _signature(source):
     return {"source": str(source.resolve()), "size": st.st_size, "mtime": st.st_mtime}
 
 
-def _atomic_save(path, write):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)                  # mkstemp makes 0600; a cache is shareable
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
-
-
 def _sha1(a):
     """Of an array's bytes: 0.1 s for CIFAR-10's 150 MB, against 12 s to decode it again."""
     return hashlib.sha1(np.ascontiguousarray(a).data).hexdigest()
@@ -262,11 +250,12 @@ def _write_cache(paths, images, labels, classes, signature):
     that cannot be written (a full disk, a read-only folder) is said in one line and skipped."""
     try:
         paths["meta.json"].unlink(missing_ok=True)
-        _atomic_save(paths["images.npy"], lambda f: np.save(f, images, allow_pickle=False))
-        _atomic_save(paths["labels.npy"], lambda f: np.save(f, labels, allow_pickle=False))
+        remove_temporaries(paths["meta.json"].parent, [p.name for p in paths.values()])  # of killed writes
+        atomic_write(paths["images.npy"], lambda f: np.save(f, images, allow_pickle=False))
+        atomic_write(paths["labels.npy"], lambda f: np.save(f, labels, allow_pickle=False))
         meta = {"version": CACHE_VERSION, "classes": classes, "shape": list(images.shape),
                 "sha1": [_sha1(images), _sha1(labels)], "signature": signature}
-        _atomic_save(paths["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(paths["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
     except OSError as e:
         print(f"minicvt: could not write the decoded images' cache in {printable(paths['meta.json'].parent)} "
               f"({printable(e)}); going on without it", file=sys.stderr)
@@ -311,7 +300,7 @@ def _read_npy(path, dtype, shape):
             return None
         read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
         got_shape, fortran, got_dtype = read_header(f)
-        count = int(np.prod(shape))
+        count = math.prod(shape)
         if (got_shape != shape or fortran or got_dtype != np.dtype(dtype)
                 or os.fstat(f.fileno()).st_size != f.tell() + count * np.dtype(dtype).itemsize):
             return None

@@ -126,7 +126,8 @@ class ConvolutionalVisionTransformer(nn.Module):
         return [getattr(self, f"stage{i}") for i in range(self.config.num_stages)]
 
     # values beyond this many standard deviations from the mean are no normalised pixels: the
-    # normalised range of CIFAR-10 or ImageNet images is about [-2.5, 2.7]
+    # normalised range of CIFAR-10 or ImageNet images is about [-2.5, 2.7] (a model that knows
+    # its normalisation allows twice its own range, if that is more: _largest_input)
     LARGEST_INPUT = 20.0
 
     def __call__(self, x):
@@ -144,11 +145,20 @@ class ConvolutionalVisionTransformer(nn.Module):
         x = self._check_input(x)
         xp = backend.get_array_module(x)
         largest = float(xp.abs(x).max()) if x.size else 0.0
-        if largest > self.LARGEST_INPUT:
+        if largest > self._largest_input():
             raise ValueError(f"{self.config.name}: input holds values up to {largest:.4g}, which look like "
                              f"pixels on a 0..255 scale; the model takes normalised images: use "
                              f"model.predict(images) for image files or uint8 arrays")
         return super().__call__(x)
+
+    def _largest_input(self):
+        """The largest value a normalised pixel can take: with the model's own normalisation,
+        twice what a pixel of 0 or 1 becomes (a channel of small std spreads far); else 20."""
+        norm = self.normalization or getattr(self, "preprocessing", None)
+        if not norm:
+            return self.LARGEST_INPUT
+        reach = max(max(m, 1 - m) / s for m, s in zip(norm["mean"], norm["std"]))
+        return max(self.LARGEST_INPUT, 2 * reach)
 
     def forward(self, x):
         """x (N, in_chans, H, W) normalised images -> logits (N, num_classes)."""
@@ -182,7 +192,7 @@ class ConvolutionalVisionTransformer(nn.Module):
             raise ValueError(f"{name}: input must be a batch of images (N, C, H, W), got a "
                              f"{len(shape)}-D array of shape {shape}{hint}")
         if shape[1] != C:
-            hint = (f"; images laid out (N, H, W, C) need x.transpose(0, 3, 1, 2)"
+            hint = ("; images laid out (N, H, W, C) need x.transpose(0, 3, 1, 2)"
                     if shape[-1] == C else "")
             raise ValueError(f"{name}: input (N, C, H, W) must have C = {C} channels, got shape "
                              f"{shape} with {shape[1]}{hint}")

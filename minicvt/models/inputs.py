@@ -19,6 +19,8 @@ import numpy as np
 
 from .. import backend, data, nn
 
+BATCH = 32                          # pictures per forward in predict
+
 
 def run_preprocessing(config, normalization):
     """The preprocessing of a `minicvt train` run: its image size, the central square, and its
@@ -79,8 +81,9 @@ def predict(model, images, top=5):
     dtype, was_training = model.head.weight.data.dtype, model.training
     model.eval()
     try:
-        with nn.no_grad():
-            logits = backend.to_numpy(model.forward(backend.to_device(x, dtype))).astype(np.float64)  # (N, K)
+        with nn.no_grad():          # in batches: a folder of photos must not take a forward at once
+            logits = np.concatenate([backend.to_numpy(model.forward(backend.to_device(x[i:i + BATCH], dtype)))
+                                     for i in range(0, len(x), BATCH)]).astype(np.float64)    # (N, K)
     finally:
         model.train(was_training)
     e = np.exp(logits - logits.max(axis=1, keepdims=True))             # a stable softmax

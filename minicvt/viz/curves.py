@@ -1,7 +1,7 @@
 """The training curves a run draws after every epoch (curves.png): loss and accuracy per
 epoch, train and validation, with the image size marked where progressive resizing changes it.
 matplotlib is imported when a figure is drawn, with the Agg backend (no display needed)."""
-from ..checkpoint import atomic_write
+from ..atomic import atomic_write
 
 
 def plot_curves(history, path):

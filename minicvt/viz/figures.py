@@ -1,5 +1,5 @@
-"""Pictures of attention, drawn with matplotlib (Agg) and written as PNGs atomically (a
-temporary name, then a rename, as `curves.plot_curves` does).
+"""Pictures of attention, drawn with matplotlib (Agg) and written as PNGs atomically
+(minicvt/atomic.py, as `curves.plot_curves` does).
 
 Images are uint8 (3, H, W) (the datasets' layout); `maps` come from `capture_attention` for a
 batch and `index` picks the image in it. Every map is copied up to the image's size by
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write
 from .geometry import stage_geometry, upsample_nearest
 from .maps import cls_attention, query_attention
 
@@ -62,20 +63,15 @@ def _row_label(ax, text):
 
 
 def _save(fig, path):
-    """Write the figure to path through a temporary name; -> path."""
+    """Write the figure to path atomically (minicvt/atomic.py); -> path."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=DPI, format="png")            # no bbox_inches: the size stays exact
-        tmp.replace(path)
+        # no bbox_inches: the size stays exact
+        atomic_write(path, lambda f: fig.savefig(f, dpi=DPI, format="png"))
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return Path(path)
 
 
 def _show(ax, image, heat=None, title=None):
