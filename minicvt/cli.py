@@ -16,6 +16,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from . import backend, gradcheck, kernels
@@ -304,6 +305,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.started = time.time()              # what this command wrote is newer than this
     from .checkpoint import CheckpointError
     from .data import DataError
     from .stopping import Interrupted
@@ -345,7 +347,11 @@ def _resume_hint(args):
     Ctrl-C) can be continued with: a training run that has saved resumes from its last save."""
     if args.command != "train":
         return ""
-    if (Path(args.out) / "last.npz").is_file():
+    last = Path(args.out) / "last.npz"
+    if args.overwrite and last.is_file() and last.stat().st_mtime < args.started:
+        return (f"; {args.out} still holds the run --overwrite was to replace (it is deleted when "
+                f"training starts)")
+    if last.is_file():
         return f"; continue with:\n{_resume_command(args)}"
     return (f"; nothing to resume: {args.out} holds no checkpoint yet "
             f"(run the same command again to start over)")

@@ -230,6 +230,18 @@ def test_train_refuses_a_folder_that_holds_a_run(run, folder, tmp_path, capsys):
                    f"continue it with: minicvt train --resume --out {out}", "--overwrite")
     one_line_error(capsys, ["train", "--resume", "--overwrite", "--out", out], "not both")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # Ctrl-C while the data loads: the old run is still there, and --resume would continue it
+    real_load = data.load_dataset
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    data.load_dataset = ctrl_c
+    try:
+        assert main(*train_argv(folder, out, lr=1e-3), "--overwrite") == 130
+    finally:
+        data.load_dataset = real_load
+    assert capsys.readouterr().err == (f"minicvt train: interrupted; {out} still holds the run --overwrite was "
+                                       f"to replace (it is deleted when training starts)\n")
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(*train_argv(folder, out, lr=1e-3), "--overwrite") == 0
     assert load_checkpoint(out / "last.npz")[2]["train_config"]["lr"] == 1e-3
