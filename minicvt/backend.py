@@ -64,7 +64,7 @@ def _import_cupy():
         raise BackendError(
             "backend 'cupy' needs CuPy, which is not installed: install the wheel that "
             "matches your CUDA (e.g. `pip install cupy-cuda12x` or `pip install cupy-cuda13x`, "
-            "or `pip install 'minicvt[gpu]'`), or use MINICVT_BACKEND=numpy"
+            "or, in a clone of minicvt, `pip install -e \".[gpu]\"`), or use MINICVT_BACKEND=numpy"
         ) from e
     try:
         n = cupy.cuda.runtime.getDeviceCount()

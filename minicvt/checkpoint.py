@@ -63,7 +63,10 @@ def load_checkpoint(path):
         raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file" + (
             f"; did you mean {inside[0]}?" if inside else ""))
     if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        last = Path(path).with_name("last.npz")
+        so_far = (f"; no epoch has finished yet at full size, and {last} holds the weights so far"
+                  if Path(path).name == "best.npz" and last.is_file() else "")
+        raise CheckpointError(f"checkpoint {path} does not exist{so_far}")
     if Path(path).suffix in (".safetensors", ".bin"):
         raise CheckpointError(f"checkpoint {path} is a file of a Hugging Face model, not a checkpoint of "
                               f"`minicvt train`; give its folder with --pretrained (minicvt.load in Python)")

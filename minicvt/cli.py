@@ -44,6 +44,9 @@ def cmd_summary(args):
     multiply-accumulates; without either, the list of configs."""
     from .models import CONFIGS, count_parameters, load
     from .models.summary import format_summary
+    if args.name and args.config and args.name != args.config:
+        raise ValueError(f"summary {args.name} --config {args.config}: give one config")
+    args.config = args.config or args.name
     if args.config and args.checkpoint:
         raise ValueError("give --config (a named config) or --checkpoint (a model file), not both")
     if args.checkpoint:
@@ -86,10 +89,10 @@ def cmd_train(args):
         clash = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
         if clash:
             raise ValueError(f"--resume: these flags differ from the run in {args.out} "
-                             f"(saved, given): {clash}. --resume continues an interrupted run with "
-                             f"its own settings; to train a finished run further, start a new run "
-                             f"from its weights: minicvt train --init-from {last} --out NEW_FOLDER "
-                             f"(with --data, --epochs and any other settings)")
+                             f"(saved, given): {clash}. --resume continues a run with its own settings; "
+                             f"to change them, start a new run from its weights: minicvt train "
+                             f"--init-from {last} --out NEW_FOLDER (with --data, --epochs and any other "
+                             f"settings), or start it over with --overwrite")
         tc = TrainConfig.from_saved(saved)
         run_folder.check_resumable(args.out, meta, tc.epochs)
     else:
@@ -200,6 +203,7 @@ def build_parser():
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("summary", help="per-stage shapes, parameters and MACs of a named config or a "
                        "model file (without either: the list of configs)")
+    p.add_argument("name", nargs="?", metavar="CONFIG", help="a config's name, as --config")
     p.add_argument("--config", help=f"one of: {configs}")
     p.add_argument("--checkpoint", help="or a model file: a checkpoint of `minicvt train`, or a models.save file")
     p.add_argument("--num-classes", type=int, default=None, help="default: the config's")
@@ -208,7 +212,8 @@ def build_parser():
 
     p = sub.add_parser("train", help="train a CvT (defaults: see docs/training.md)")
     p.add_argument("--config", dest="model", help=f"model config (default cvt-cifar-s): one of {configs}")
-    p.add_argument("--data", help="'cifar10' (download), the official archive, or an image folder / its tar")
+    p.add_argument("--data", help="'cifar10' (the default: downloaded into the cache), the official archive, "
+                   "or an image folder ROOT/<class>/*.jpg / its tar")
     p.add_argument("--backend", choices=["numpy", "cupy"], default=None, help=BACKEND_HELP)
     p.add_argument("--epochs", type=int, help="default 24 (under an hour on 2 CPU cores)")
     p.add_argument("--minutes", type=float, help="instead of --epochs: as many epochs as fit in this many "
@@ -238,7 +243,7 @@ def build_parser():
                    "mirror's logits)")
     p.add_argument("--seed", type=int, help="data split, order, augmentation, weights (default 0)")
     p.add_argument("--dtype", choices=["float32", "float64"], help="default float32")
-    p.add_argument("--out", default="runs/cvt", help="output folder (checkpoints, metrics, curves)")
+    p.add_argument("--out", default="runs/cvt", help="output folder (checkpoints, metrics, curves; default runs/cvt)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from "
                    "its last.npz, with its own settings")
     p.add_argument("--init-from", metavar="CKPT", help="start this new run from the weights of a "

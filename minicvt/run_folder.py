@@ -48,6 +48,8 @@ def clear(folder):
 def last_checkpoint(folder):
     """folder/last.npz, which --resume continues from; RunFolderError if the run saved none."""
     last = Path(folder) / "last.npz"
+    if not Path(folder).exists():
+        raise RunFolderError(f"--resume: {folder} does not exist (a typo in --out?)")
     if not last.is_file():
         raise RunFolderError(f"--resume: {last} does not exist: the run saved nothing before it stopped (it "
                              f"saves every few minutes, --save-every, and when stopped by Ctrl-C); start it "

@@ -188,6 +188,7 @@ class Trainer:
             raise ValueError(f"--val-size {tc.val_size} holds out every one of the {len(labels)} images "
                              f"of {tc.data}; give a smaller --val-size")
         train_idx, val_idx = data.split_indices(len(labels), tc.val_size, tc.seed)
+        self.val_idx = val_idx
         if tc.limit_train:        # a random subset: the sorted indices run class by class
             pick = np.random.default_rng(tc.seed).permutation(len(train_idx))[:tc.limit_train]
             train_idx = np.sort(train_idx[pick])
@@ -233,6 +234,28 @@ class Trainer:
             raise CheckpointError(f"--init-from {path}: its model differs from this run's "
                                   f"(file vs this run: {diff}); give the same --config and data")
         self.model.load_state_dict(source.state_dict())
+        self._warn_if_validation_was_trained_on(path)
+
+    def _warn_if_validation_was_trained_on(self, path):
+        """A checkpoint of a run on these same images, held out with another seed or size:
+        some of this run's validation images taught the starting weights, so its validation
+        accuracy would read high. Said in one line, with the settings that avoid it."""
+        try:
+            meta = load_checkpoint(path)[2]
+        except CheckpointError:               # a models.save file: nothing known of its data
+            return
+        saved = meta.get("train_config", {})
+        if meta.get("data_fingerprint") != self.data_fingerprint or "val_size" not in saved:
+            return
+        seed, val_size, limit = saved.get("seed", 0), saved["val_size"], saved.get("limit_train", 0)
+        trained_on, _ = data.split_indices(self.num_images, val_size, seed)
+        if limit:                 # the subset that run drew, as __init__ draws it
+            trained_on = trained_on[np.random.default_rng(seed).permutation(len(trained_on))[:limit]]
+        seen = np.intersect1d(self.val_idx, trained_on).size
+        if seen:
+            self.log(f"warning: {seen} of this run's {len(self.val_idx)} validation images are among those "
+                     f"the starting weights ({path}) trained on, so its validation accuracy will read high; "
+                     f"give --seed {seed} --val-size {val_size} to hold out the images that run held out")
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _meta(self, epoch, position=None):

@@ -28,16 +28,19 @@ def test_the_pages_have_snippets():
     assert {p.name for p in PAGES} >= {"README.md", "gradcheck.md", "norm.md", "training.md"}
 
 
+TRACKED = ("README.md", "checkpoints", "docs", "minicvt", "notebooks", "benchmarks", "tests", "pyproject.toml")
+
+
 def reader_folder(tmp_path):
-    """Where a reader runs the snippets: the repository's files (linked, not copied) and a
-    photo of their own, my_cat.jpg, which the README's inference lines name. Anything a
-    snippet writes lands here, not in the repository."""
+    """Where a reader runs the snippets: the repository's own files (linked, not copied; none
+    of the reader's: a picture of theirs in the clone must not be written through a link) and
+    a picture, my_cat.jpg, which the README's inference lines name. A file a snippet writes
+    lands here, not in the repository."""
     import numpy as np
     from PIL import Image
 
-    for entry in ROOT.iterdir():
-        if entry.name != ".git":
-            (tmp_path / entry.name).symlink_to(entry)
+    for name in TRACKED:
+        (tmp_path / name).symlink_to(ROOT / name)
     pixels = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "my_cat.jpg")
     return tmp_path
@@ -58,3 +61,10 @@ def test_python_blocks_run(page, monkeypatch, tmp_path):
                             f"{type(e).__name__}: {e}")
     finally:
         backend.set_backend(previous)
+
+
+def test_the_readers_folder_links_only_the_repositorys_own_files(tmp_path):
+    """A reader's my_cat.jpg beside the README must never be written through a link."""
+    folder = reader_folder(tmp_path)
+    assert not (folder / "my_cat.jpg").is_symlink()
+    assert sorted(p.name for p in folder.iterdir() if p.is_symlink()) == sorted(TRACKED)

@@ -390,3 +390,34 @@ def test_a_folder_or_a_hugging_face_file_given_as_a_checkpoint_says_what_to_give
 def _touch(path):
     path.write_bytes(b"")
     return path
+
+
+# -- the second try on a fresh clone ------------------------------------------------------------------
+
+def test_what_a_fresh_try_stumbled_on_is_said_plainly(run, tmp_path, capsys):
+    one_line_error(capsys, ["train", "--resume", "--out", tmp_path / "nowhere"],
+                   f"--resume: {tmp_path / 'nowhere'} does not exist (a typo in --out?)")
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    (interrupted / "last.npz").write_bytes((run / "last.npz").read_bytes())
+    one_line_error(capsys, ["eval", "--checkpoint", interrupted / "best.npz", "--data", "cifar10"],
+                   "does not exist; no epoch has finished yet at full size, and", "last.npz holds the weights so far")
+    picture = tmp_path / "my_cat.jpg"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(picture)
+    one_line_error(capsys, ["train", "--data", picture, "--out", tmp_path / "x"],
+                   "is neither a folder nor a readable tar archive", "--data takes 'cifar10'")
+    one_line_error(capsys, ["predict", "--pretrained", tmp_path / "cvt-13", "--images", picture],
+                   f"{tmp_path / 'cvt-13'}: does not exist; get one with `hf download")
+    assert main("summary", "cvt-cifar-s") == 0 and "total parameters" in capsys.readouterr().out
+    model = minicvt.load(SHIPPED)
+    with pytest.raises(ValueError, match=r"^images: give image files \(paths\), or uint8 pictures \(N, 3, H, W\) as "
+                                         r"one array; got a list holding a ndarray; several pictures as arrays go "
+                                         r"in one array: np.stack\(pictures\)$"):
+        model.predict([np.zeros((32, 32, 3), np.uint8)])
+    with pytest.raises(ValueError, match=r"got a list holding a PngImageFile"):
+        model.predict([Image.open(_png(tmp_path))])
+
+
+def _png(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "p.png")
+    return tmp_path / "p.png"

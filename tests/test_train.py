@@ -5,6 +5,7 @@ and `evaluate` agrees with a direct forward pass."""
 import errno
 import json
 import os
+import re
 import signal
 import time
 from dataclasses import replace
@@ -330,6 +331,23 @@ def test_resume_of_a_finished_run_points_to_init_from(folder, tmp_path):
                                                         r"start a new run from its weights: minicvt train "
                                                         r"--init-from .*last.npz --out NEW_FOLDER"):
         make_trainer(tc, tmp_path, resuming=True).resume()
+
+
+def test_init_from_a_run_that_held_out_other_images_warns(folder, tmp_path):
+    """Fine-tuning with another --seed would validate on images the starting weights learned."""
+    start = tmp_path / "start"
+    make_trainer(tiny_run(folder, epochs=1), start).fit()
+    said = []
+    Trainer(tiny_run(folder, epochs=1, seed=1, init_from=str(start / "last.npz")), tmp_path / "other",
+            model_config=tiny_config(), progress=False, log=said.append)
+    assert len(said) == 1 and re.fullmatch(r"warning: \d+ of this run's 12 validation images are among those the "
+                                           r"starting weights \(.*last.npz\) trained on, so its validation "
+                                           r"accuracy will read high; give --seed 0 --val-size 12 to hold out "
+                                           r"the images that run held out", said[0]), said
+    said.clear()                                             # the same split: nothing to say
+    Trainer(tiny_run(folder, epochs=1, init_from=str(start / "last.npz")), tmp_path / "same",
+            model_config=tiny_config(), progress=False, log=said.append)
+    assert said == []
 
 
 def test_resume_refuses_a_position_outside_the_epoch(folder, tmp_path):

@@ -315,7 +315,7 @@ def test_command_errors_are_one_line(run, capsys, restore_backend):
     _one_line_error(capsys, ["attention", "--checkpoint", str(tmp / "none.npz"), "--data", str(folder),
                              "--out", out], "checkpoint")
     _one_line_error(capsys, ["attention", "--checkpoint", str(ckpt), "--data", str(folder), "--out", out,
-                             "--index", "6"], "--index 6")
+                             "--index", "6"], f"--index 6: the train split of {folder} has 6 images (0..5)")
     (tmp / "bad.png").write_bytes(b"not an image")
     _one_line_error(capsys, ["attention", "--checkpoint", str(ckpt), "--images", str(tmp / "bad.png"),
                              "--out", out], "--images")

@@ -333,7 +333,8 @@ def load_image_folder(path, use_cache=True, cache_dir=None, progress=False):
         except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
             after = f", after member {tar.members[-1].name!r}" if tar is not None and tar.members else ""
             raise DataError(f"{printable(source)} is neither a folder nor a readable tar archive "
-                            f"({printable(' '.join(str(e).split()))}{after})") from e
+                            f"({printable(' '.join(str(e).split()))}{after}); --data takes 'cifar10', the "
+                            f"official archive, an image folder ROOT/<class>/*.jpg, or a tar of one") from e
     images, labels, classes = _decode(found, source, progress)
     if use_cache:
         _write_cache(paths, images, labels, classes, signature)

@@ -15,6 +15,8 @@ A loaded model knows how its inputs were prepared, `model.preprocessing`:
 Pictures are decoded to 8-bit RGB by data.decode_image (16-bit, palette, CMYK and alpha
 included, docs/files.md); uint8 arrays (N, 3, H, W) of any size are taken as such pictures.
 """
+import os
+
 import numpy as np
 
 from .. import backend, data, nn
@@ -63,7 +65,15 @@ def prepare_images(images, preprocessing):
     else:
         if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
             images = [images]                     # one path
-        shown = data.load_image_files(list(images), lambda im: fit(im, preprocessing))
+        images = list(images)
+        other = [im for im in images if not isinstance(im, (str, bytes, os.PathLike))]
+        if other:
+            hint = ("; several pictures as arrays go in one array: np.stack(pictures)"
+                    if hasattr(other[0], "shape") else "; save it to a file, or give np.asarray(picture) "
+                    "transposed to (3, H, W) in an array (N, 3, H, W)")
+            raise ValueError(f"images: give image files (paths), or uint8 pictures (N, 3, H, W) as one "
+                             f"array; got a list holding a {type(other[0]).__name__}{hint}")
+        shown = data.load_image_files(images, lambda im: fit(im, preprocessing))
     return shown, data.normalize(shown, np.asarray(preprocessing["mean"]), np.asarray(preprocessing["std"]))
 
 

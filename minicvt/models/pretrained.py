@@ -269,8 +269,8 @@ def from_pretrained(path, dtype=np.float32):
             "; a model minicvt trained loads with minicvt.load (--checkpoint)" if folder.suffix == ".npz"
             else f"; give the folder that holds its config.json ({folder.parent})"))
     if not config.is_file():
-        raise PretrainedError(f"{folder}: not a Hugging Face model folder (no config.json); get one "
-                              f"with `hf download microsoft/cvt-13 --local-dir {folder}`")
+        what = "not a Hugging Face model folder (no config.json)" if folder.exists() else "does not exist"
+        raise PretrainedError(f"{folder}: {what}; get one with `hf download microsoft/cvt-13 --local-dir {folder}`")
     try:
         hf = read_json(config, "a JSON object (transformers' CvtConfig)")
         preprocessing = preprocessing_from_hf(folder)

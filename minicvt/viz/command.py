@@ -84,7 +84,8 @@ def _select(data_path, split, index, kind, meta, cache_dir=None):
         index = list(range(min(n, 8 if kind in ("grid", "rollout") else 1)))
     bad = [i for i in index if not 0 <= i < n]
     if bad:
-        raise ValueError(f"--index {bad[0]}: {data_path} has {n} images (0..{n - 1})")
+        raise ValueError(f"--index {bad[0]}: the {split} split of {data_path} has {n} images (0..{n - 1})"
+                         + ("; --split train for the others" if split == "val" else ""))
     return images[index], labels[index], list(classes), [str(i) for i in index]
 
 
