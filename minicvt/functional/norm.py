@@ -85,11 +85,14 @@ def sync_batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training
     """BatchNorm2d over the batch of all ranks together: each rank holds a shard x of it.
 
     Arguments and returns as batchnorm2d_forward; `comm` is a communicator (minicvt.collectives:
-    rank, size, allreduce). Training makes ONE all-reduce, of a (size, 1 + 2C) array in which
-    each rank fills its own row with [count, sum, M2] of its shard (sum of squared deviations
-    from its own mean) and leaves the others zero: an all-gather done by summation. Every rank
-    then combines the rows as Chan et al.'s parallel variance (no cancellation, docs/norm.md):
-        M = sum_r m_r,  mean = sum_r S_r / M,  var = (sum_r M2_r + sum_r m_r (S_r/m_r - mean)^2) / M
+    rank, size, allreduce). Training makes ONE all-reduce, of a (size, 1 + 3C) array in which
+    each rank fills its own row with [m_r, S_r, M2_r, D_r] of its shard: count, sum, and the sums
+    of squared and of plain deviations from its own mean c_r = S_r / m_r, and leaves the others
+    zero: an all-gather done by summation. Every rank then combines the rows as Chan et al.'s
+    parallel variance, no cancellation (docs/norm.md):
+        M = sum_r m_r,  mean = sum_r S_r / M,
+        var = sum_r (M2_r + 2 (c_r - mean) D_r + m_r (c_r - mean)^2) / M
+    (D_r is zero but for the rounding of c_r; keeping it keeps that rounding out of var),
     and normalises its shard by them. The running statistics are those of the whole batch
     (unbiased variance with M - 1), the same on every rank. Eval: no collective; the same as
     batchnorm2d_forward. A world of one gives batchnorm2d_forward's numbers exactly.
@@ -106,17 +109,19 @@ def sync_batchnorm2d_forward(x, gamma, beta, running_mean, running_var, training
         raise ValueError(f"batchnorm2d: training needs more than one value per channel, got "
                          f"input shape {tuple(x.shape)}")
     local_sum = x.sum(axis=axes)                                    # (C,)
-    local_xc = x - (local_sum / max(m, 1)).reshape(shape)           # centred on this rank's mean
-    rows = xp.zeros((comm.size, 1 + 2 * C), dtype=x.dtype)          # rank r writes row r only
+    local_xc = x - (local_sum / max(m, 1)).reshape(shape)           # centred on this rank's mean c_r
+    rows = xp.zeros((comm.size, 1 + 3 * C), dtype=x.dtype)          # rank r writes row r only
     rows[comm.rank, 0] = m
-    rows[comm.rank, 1:1 + C] = local_sum
-    rows[comm.rank, 1 + C:] = (local_xc * local_xc).sum(axis=axes)  # M2 of this rank
-    rows = comm.allreduce(rows)                                     # (size, 1 + 2C): every rank's row
-    counts, sums, m2s = rows[:, :1], rows[:, 1:1 + C], rows[:, 1 + C:]   # (size, 1), (size, C), (size, C)
+    rows[comm.rank, 1:1 + C] = local_sum                                         # S_r
+    rows[comm.rank, 1 + C:1 + 2 * C] = (local_xc * local_xc).sum(axis=axes)     # M2_r
+    rows[comm.rank, 1 + 2 * C:] = local_xc.sum(axis=axes)           # D_r: 0 but for c_r's rounding
+    rows = comm.allreduce(rows)                                     # (size, 1 + 3C): every rank's row
+    counts, sums = rows[:, :1], rows[:, 1:1 + C]                    # (size, 1), (size, C)
+    m2s, ds = rows[:, 1 + C:1 + 2 * C], rows[:, 1 + 2 * C:]         # (size, C), (size, C)
     M = counts.sum()                                                # 0-d: values per channel, all ranks
     mean = sums.sum(axis=0) / M                                     # (C,)
-    rank_means = sums / xp.maximum(counts, 1)                       # (size, C); an empty rank has S = 0
-    var = (m2s.sum(axis=0) + (counts * (rank_means - mean) ** 2).sum(axis=0)) / M   # (C,), biased
+    shift = sums / xp.maximum(counts, 1) - mean                     # (size, C): c_r - mean; 0 for an empty rank
+    var = (m2s + shift * (2 * ds + counts * shift)).sum(axis=0) / M     # (C,), biased
     xc = x - mean.reshape(shape)
     rstd = 1.0 / xp.sqrt(var + eps)                                 # (C,)
     xhat = xc * rstd.reshape(shape)
