@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from minicvt import backend, nn
+from minicvt.collectives import SingleProcess, ThreadWorld
 from minicvt import functional as F
 from minicvt.nn import layers
 
@@ -58,6 +59,24 @@ def _batchnorm(training):
         out, cache, (new_mean, new_var) = F.batchnorm2d_forward(x, gamma, beta, mean, var * var, training)
         dx, dgamma, dbeta = F.batchnorm2d_backward(rand(*out.shape, dtype=dt), cache)
         return dict(out=out, dx=dx, dgamma=dgamma, dbeta=dbeta, running_mean=new_mean, running_var=new_var)
+    return run
+
+
+def _sync_batchnorm(training):
+    """Two ThreadWorld ranks, so the dtype is kept through the all-reduces too."""
+    def run(rand, dt):
+        xs = [rand(2, 3, 3, 4, dtype=dt), rand(1, 3, 3, 4, dtype=dt)]
+        gamma, beta, mean, var = (rand(3, dtype=dt) for _ in range(4))
+        douts = [rand(*x.shape, dtype=dt) for x in xs]
+
+        def rank(comm):
+            out, cache, stats = F.sync_batchnorm2d_forward(xs[comm.rank], gamma, beta, mean, var * var, training,
+                                                           comm)
+            return (out, *stats, *F.sync_batchnorm2d_backward(douts[comm.rank], cache, comm))
+
+        names = ("out", "running_mean", "running_var", "dx", "dgamma", "dbeta")
+        return {f"rank{r} {n}": a for r, arrays in enumerate(ThreadWorld(2).run(rank))
+                for n, a in zip(names, arrays)}
     return run
 
 
@@ -120,6 +139,8 @@ FUNCTIONAL = {
     "conv2d_forward": _conv2d, "im2col": _im2col, "depthwise_conv2d_forward": _depthwise,
     "linear_forward": _linear, "batchnorm2d_forward[train]": _batchnorm(True),
     "batchnorm2d_forward[eval]": _batchnorm(False), "layernorm_forward": _layernorm,
+    "sync_batchnorm2d_forward[train]": _sync_batchnorm(True),
+    "sync_batchnorm2d_forward[eval]": _sync_batchnorm(False),
     "gelu_forward[none]": _gelu("none"), "gelu_forward[tanh]": _gelu("tanh"),
     "quick_gelu_forward": _quick_gelu, "softmax_forward": _softmax, "attention_forward": _attention,
     "dropout_forward": _dropout, "avg_pool2d_forward": _avg_pool, "token_mean_forward": _token_mean,
@@ -154,6 +175,9 @@ MODULES = {
     "Linear": lambda r, dt: (nn.Linear(6, 5), (r(2, 4, 6, dtype=dt),)),
     "BatchNorm2d[train]": lambda r, dt: (nn.BatchNorm2d(3), (r(2, 3, 3, 4, dtype=dt),)),
     "BatchNorm2d[eval]": lambda r, dt: (nn.BatchNorm2d(3).eval(), (r(2, 3, 3, 4, dtype=dt),)),
+    "SyncBatchNorm2d[train]": lambda r, dt: (nn.SyncBatchNorm2d(3, SingleProcess()), (r(2, 3, 3, 4, dtype=dt),)),
+    "SyncBatchNorm2d[eval]": lambda r, dt: (nn.SyncBatchNorm2d(3, SingleProcess()).eval(),
+                                            (r(2, 3, 3, 4, dtype=dt),)),
     "LayerNorm": lambda r, dt: (nn.LayerNorm(6), (r(2, 4, 6, dtype=dt),)),
     "GELU[none]": lambda r, dt: (nn.GELU(), (r(3, 5, dtype=dt),)),
     "GELU[tanh]": lambda r, dt: (nn.GELU("tanh"), (r(3, 5, dtype=dt),)),
@@ -256,6 +280,8 @@ ERRORS = [
     ("batchnorm channels", lambda r: nn.BatchNorm2d(3, dtype=np.float64)(r(2, 4, 3, 3)),
      rf"^batchnorm2d: gamma must have shape {_s((4,))}, got {_s((3,))}"),
     ("batchnorm one value", lambda r: nn.BatchNorm2d(3, dtype=np.float64)(r(1, 3, 1, 1)),
+     rf"^batchnorm2d: training needs more than one value per channel, got input shape {_s((1, 3, 1, 1))}"),
+    ("sync batchnorm one value", lambda r: nn.SyncBatchNorm2d(3, SingleProcess(), dtype=np.float64)(r(1, 3, 1, 1)),
      rf"^batchnorm2d: training needs more than one value per channel, got input shape {_s((1, 3, 1, 1))}"),
     ("layernorm channels", lambda r: nn.LayerNorm(6, dtype=np.float64)(r(2, 4, 5)),
      rf"^layernorm: x must have shape \(\.\.\., 6\), got {_s((2, 4, 5))}"),

@@ -15,6 +15,7 @@ from .conv import (col2im, conv2d_backward, conv2d_forward, conv_output_size,
 from .dropout import dropout_backward, dropout_forward, dropout_mask
 from .linear import linear_backward, linear_forward
 from .loss import cross_entropy_backward, cross_entropy_forward, label_errors
-from .norm import batchnorm2d_backward, batchnorm2d_forward, layernorm_backward, layernorm_forward
+from .norm import (batchnorm2d_backward, batchnorm2d_forward, layernorm_backward, layernorm_forward,
+                   sync_batchnorm2d_backward, sync_batchnorm2d_forward)
 from .pool import (avg_pool2d_backward, avg_pool2d_forward, pool_output_size, token_mean_backward,
                    token_mean_forward)

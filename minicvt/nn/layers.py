@@ -145,6 +145,57 @@ class BatchNorm2d(Module):
         return dx
 
 
+class SyncBatchNorm2d(BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the whole batch across ranks: each rank
+    holds a shard x of it and `comm` (minicvt.collectives: rank, size, allreduce) joins them.
+    Parameters, buffers and state_dict keys are BatchNorm2d's, so checkpoints move between the
+    two. Training makes one all-reduce in forward and one in backward, so every rank must run
+    them in step; eval makes none. weight.grad and bias.grad receive this rank's share: the
+    trainer's all-reduce (sum) of the gradients completes them, as for every other parameter."""
+
+    def __init__(self, channels, comm, eps=1e-5, momentum=0.1, dtype=np.float32, channels_last=False):
+        super().__init__(channels, eps, momentum, dtype, channels_last)
+        self.comm = comm
+
+    def forward(self, x):
+        out, cache, (mean, var) = ops.sync_batchnorm2d_forward(
+            x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
+            self.training, self.comm, self.momentum, self.eps, self.channels_last)
+        if self.training:
+            self.running_mean, self.running_var = mean, var
+            self.num_batches_tracked = self.num_batches_tracked + 1
+        self._save(cache)
+        return out
+
+    def backward(self, dout):
+        dx, dgamma, dbeta = ops.sync_batchnorm2d_backward(dout, self._take(), self.comm)
+        self.weight.grad += dgamma
+        self.bias.grad += dbeta
+        return dx
+
+
+def convert_sync_batchnorm(module, comm):
+    """Replace every BatchNorm2d in `module` by a SyncBatchNorm2d on `comm` that keeps its
+    Parameter objects (an optimiser built before still updates them), buffers, settings and
+    mode; returns the module (a new one if `module` itself is a BatchNorm2d), as PyTorch's
+    nn.SyncBatchNorm.convert_sync_batchnorm. Already synchronised layers are left alone."""
+    def converted(bn):
+        sync = SyncBatchNorm2d(bn.weight.shape[0], comm, bn.eps, bn.momentum, bn.weight.data.dtype,
+                               bn.channels_last)
+        sync.weight, sync.bias = bn.weight, bn.bias                     # the same Parameters
+        for name, array in bn._buffers.items():
+            sync._buffers[name] = array
+        return sync.train(bn.training)
+
+    if type(module) is BatchNorm2d:
+        return converted(module)
+    for _, m in list(module.named_modules()):
+        for name, child in list(m._modules.items()):
+            if type(child) is BatchNorm2d:
+                m._modules[name] = converted(child)
+    return module
+
+
 class LayerNorm(Module):
     """x (..., C) -> same, normalised over the last axis; weight/bias (C,)."""
 
