@@ -160,18 +160,11 @@ class NCCLWorld(MPIWorld):
 
     def __init__(self):
         super().__init__()
-        import cupy
+        cupy, nccl = backend.import_nccl()
         gpus = cupy.cuda.runtime.getDeviceCount()
         if self.local_size > gpus:
             raise DistributedError(f"{self.local_size} ranks on this machine but {gpus} GPU(s) visible: "
                                    f"start at most {gpus} ranks per machine (each rank needs its own GPU)")
-        try:
-            from cupy.cuda import nccl
-        except ImportError:
-            nccl = None
-        if nccl is None or not nccl.available:
-            raise DistributedError("CuPy cannot load NCCL: pip install -e \".[gpu]\" (nvidia-nccl-cu12) "
-                                   "or \".[gpu-cuda13]\" (nvidia-nccl-cu13)")
         # the GPU first: NCCL binds its communicator to the device that is current when it is made
         cupy.cuda.Device(self.local_rank).use()
         uid = nccl.get_unique_id() if self.rank == 0 else None    # 128 bytes (a tuple in CuPy 13)

@@ -65,18 +65,11 @@ def numpy_case():
     return out
 
 
-def gpu_refusal_case():
-    try:
-        distributed.init("cupy")
-        return {"refusal": None}
-    except distributed.DistributedError as e:
-        return {"refusal": str(e)}
-
-
-def nccl_standin_case():
+def install_nccl_standin(events):
+    """A stand-in for cupy.cuda.nccl in the emulated CuPy, with CuPy 14.2's names and signatures;
+    `events` records the calls. Returns the emulated cupy."""
     import cupy                                        # the emulated one
     from mpi4py import MPI
-    events = []
 
     class Device:                                      # records which GPU is made current
         def __init__(self, device=None):
@@ -116,9 +109,23 @@ def nccl_standin_case():
 
     nccl.get_unique_id, nccl.NcclCommunicator = get_unique_id, NcclCommunicator
     cupy.cuda.nccl, cupy.cuda.Device = nccl, Device
-    cupy.cuda.runtime.getDeviceCount = lambda: 2
     sys.modules["cupy.cuda.nccl"] = nccl
+    return cupy
 
+
+def gpu_refusal_case():
+    install_nccl_standin([])                           # the emulation has one GPU
+    try:
+        distributed.init("cupy")
+        return {"refusal": None}
+    except distributed.DistributedError as e:
+        return {"refusal": str(e)}
+
+
+def nccl_standin_case():
+    events = []
+    cupy = install_nccl_standin(events)
+    cupy.cuda.runtime.getDeviceCount = lambda: 2
     world = distributed.init("cupy")
     r = world.rank
     out = {"world": type(world).__name__, "rank": r}

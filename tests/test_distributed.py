@@ -86,6 +86,12 @@ def test_launched_without_mpi4py_refuses_in_one_line(no_launcher, monkeypatch):
     assert isinstance(e.value, RuntimeError)
 
 
+def test_cupy_without_nccl_refuses_in_one_line(emulated_cupy):
+    with pytest.raises(backend.BackendError) as e:            # the emulation has no cupy.cuda.nccl
+        backend.import_nccl()
+    assert "\n" not in str(e.value) and "pip install nvidia-nccl-cu12" in str(e.value)
+
+
 # -- gradients in one flat buffer ----------------------------------------------------------------------
 
 def _batch(seed=0, n=4):
