@@ -249,7 +249,7 @@ class FlatGrads:
     and `load_state_dict` do replace it; `check()` (called by `allreduce`) notices."""
 
     def __init__(self, parameters):
-        self.params = list(parameters)
+        self.params = list({id(p): p for p in parameters}.values())   # a shared one once
         groups = {}                                           # dtype -> [Parameter], in order
         for p in self.params:
             groups.setdefault(p.grad.dtype, []).append(p)
