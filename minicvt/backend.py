@@ -75,6 +75,21 @@ def _import_cupy():
     return cupy
 
 
+def import_nccl():
+    """CuPy and its NCCL wrapper, cupy.cuda.nccl (for minicvt/distributed.py's GPU collectives);
+    BackendError with what to install where either is missing."""
+    cupy = _import_cupy()
+    try:
+        from cupy.cuda import nccl      # not imported by `import cupy`
+    except ImportError:
+        nccl = None
+    if nccl is None or not nccl.available:
+        raise BackendError("CuPy cannot load NCCL, which training on several GPUs needs: "
+                           "pip install nvidia-nccl-cu12 (CUDA 12) or nvidia-nccl-cu13 (CUDA 13), "
+                           "or `pip install -e \".[gpu]\"`")
+    return cupy, nccl
+
+
 def set_backend(name):
     """Select 'numpy' or 'cupy' for everything created from now on; returns the module."""
     if name not in _NAMES:

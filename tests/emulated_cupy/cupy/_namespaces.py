@@ -224,7 +224,9 @@ class Stream:
     null = None
 
     def __init__(self, null=False, non_blocking=False, ptds=False):
-        pass
+        # instance attributes in CuPy (cupy/cuda/stream.pyx, _BaseStream), so not in the manifest;
+        # the raw handle is 0 for the null stream (what NCCL calls take as `stream`)
+        self.ptr, self.device_id = (0 if null else id(self)), 0
 
     def synchronize(self):
         pass
@@ -239,7 +241,7 @@ class Stream:
         return False
 
 
-Stream.null = Stream()
+Stream.null = Stream(null=True)
 
 
 class Event:
