@@ -187,11 +187,8 @@ class Trainer:
         if tc.val_size >= len(labels):
             raise ValueError(f"--val-size {tc.val_size} holds out every one of the {len(labels)} images "
                              f"of {tc.data}; give a smaller --val-size")
-        train_idx, val_idx = data.split_indices(len(labels), tc.val_size, tc.seed)
+        train_idx, val_idx = data.run_split(len(labels), tc.val_size, tc.seed, tc.limit_train)
         self.val_idx = val_idx
-        if tc.limit_train:        # a random subset: the sorted indices run class by class
-            pick = np.random.default_rng(tc.seed).permutation(len(train_idx))[:tc.limit_train]
-            train_idx = np.sort(train_idx[pick])
         self.data_fingerprint = data.fingerprint(images, labels)     # eval knows its own data by it
         mean, std = data.channel_stats(images[train_idx])
         self.norm = {"mean": mean.tolist(), "std": std.tolist()}
@@ -247,10 +244,8 @@ class Trainer:
         saved = meta.get("train_config", {})
         if meta.get("data_fingerprint") != self.data_fingerprint or "val_size" not in saved:
             return
-        seed, val_size, limit = saved.get("seed", 0), saved["val_size"], saved.get("limit_train", 0)
-        trained_on, _ = data.split_indices(self.num_images, val_size, seed)
-        if limit:                 # the subset that run drew, as __init__ draws it
-            trained_on = trained_on[np.random.default_rng(seed).permutation(len(trained_on))[:limit]]
+        seed, val_size = saved.get("seed", 0), saved["val_size"]
+        trained_on, _ = data.run_split(self.num_images, val_size, seed, saved.get("limit_train", 0))
         seen = np.intersect1d(self.val_idx, trained_on).size
         if seen:
             self.log(f"warning: {seen} of this run's {len(self.val_idx)} validation images are among those "

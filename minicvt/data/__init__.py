@@ -17,7 +17,7 @@ from .download import DataError, default_cache_dir, download, md5sum, verified
 from .folders import load_image_files, load_image_folder, open_tar
 from .images import decode_image
 from .pipeline import Loader, channel_stats, normalize, random_crop, random_hflip, resize, resize_matrix
-from .split import fingerprint, held_out, is_training_data, split_indices
+from .split import fingerprint, held_out, is_training_data, run_split, split_indices
 
 
 def load_dataset(data, split="train", cache_dir=None, progress=True):

@@ -20,6 +20,17 @@ def split_indices(n, val_size, seed=0):
     return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
+def run_split(n, val_size, seed=0, limit_train=0):
+    """(train_idx, val_idx) of a run: split_indices, and with limit_train the random subset of
+    that many training images it draws (sorted: the sorted indices run class by class, so the
+    first ones would all be of the first classes)."""
+    train_idx, val_idx = split_indices(n, val_size, seed)
+    if limit_train:
+        pick = np.random.default_rng(seed).permutation(len(train_idx))[:limit_train]
+        train_idx = np.sort(train_idx[pick])
+    return train_idx, val_idx
+
+
 def fingerprint(images, labels):
     """A short hash that tells one dataset from another: its shape, every label, and a sample
     of the images (64 of them, evenly spaced). A checkpoint keeps the one of its training data."""
