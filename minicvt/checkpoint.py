@@ -58,36 +58,8 @@ def load_checkpoint(path):
     are the arrays read, and NaN or infinity in any of them is refused."""
     from .models.expect import nonfinite_problem
 
-    if Path(path).is_dir():          # a run's folder, or a Hugging Face model's
-        inside = [f"{Path(path) / name}" for name in ("best.npz", "last.npz") if (Path(path) / name).is_file()]
-        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file" + (
-            f"; did you mean {inside[0]}?" if inside else ""))
-    if not Path(path).is_file():
-        last = Path(path).with_name("last.npz")
-        so_far = (f"; no epoch has finished yet at full size, and {last} holds the weights so far"
-                  if Path(path).name == "best.npz" and last.is_file() else "")
-        raise CheckpointError(f"checkpoint {path} does not exist{so_far}")
-    if Path(path).suffix in (".safetensors", ".bin"):
-        raise CheckpointError(f"checkpoint {path} is a file of a Hugging Face model, not a checkpoint of "
-                              f"`minicvt train`; give its folder with --pretrained (minicvt.load in Python)")
-    with open(path, "rb") as f:
-        if f.read(6) == b"\x93NUMPY":
-            raise CheckpointError(f"checkpoint {path} is a single .npy array, not a .npz checkpoint")
-    with NpzReader(path, CheckpointError) as z:
-        if "meta" not in z.headers:
-            z.fail("has no metadata ('meta'): not a checkpoint of `minicvt train`")
-        text = z.read_text("meta", MAX_META_CHARS)
-        try:
-            meta = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
-            z.fail(f"its metadata is not readable JSON ({type(e).__name__})")
-        if not isinstance(meta, dict):
-            z.fail(f"its metadata must be a JSON object, got {type(meta).__name__}")
-        if meta.get("format") != FORMAT:
-            z.fail(f"is not a minicvt checkpoint (format {reprlib.repr(meta.get('format'))})")
-        problem = check_meta(meta)
-        if problem:
-            z.fail(f"metadata {problem}")
+    with _open(path) as z:
+        meta = _read_meta(z)
         _check_arrays(z, meta)
         arrays = {}
         for key in z.headers:
@@ -103,6 +75,61 @@ def load_checkpoint(path):
         if optim["steps"] < 0:
             raise CheckpointError(f"{path}: optimiser state: steps is {optim['steps']}, below 0")
     return model, optim, meta
+
+
+def read_meta(path):
+    """(meta, whether the file holds an optimiser state) of a checkpoint, checked as
+    load_checkpoint checks them, without reading an array: what `--resume` and `--init-from`
+    look at before the run loads the weights."""
+    with _open(path) as z:
+        return _read_meta(z), any(k.startswith("optim/") for k in z.headers)
+
+
+def run_checkpoint_in(folder):
+    """folder/best.npz or folder/last.npz, the first that exists (None): what a user who gave a
+    run's folder where a file is wanted meant."""
+    found = [Path(folder) / name for name in ("best.npz", "last.npz") if (Path(folder) / name).is_file()]
+    return found[0] if found else None
+
+
+def _open(path):
+    """An NpzReader on a checkpoint, after refusing in one line what is not one: a folder (with
+    the file the user probably meant), a missing file, a Hugging Face weights file, a .npy."""
+    if Path(path).is_dir():          # a run's folder, or a Hugging Face model's
+        meant = run_checkpoint_in(path)
+        raise CheckpointError(f"checkpoint {path} is a folder, not a checkpoint file" + (
+            f"; did you mean {meant}?" if meant else ""))
+    if not Path(path).is_file():
+        last = Path(path).with_name("last.npz")
+        so_far = (f"; no epoch has finished yet at full size, and {last} holds the weights so far"
+                  if Path(path).name == "best.npz" and last.is_file() else "")
+        raise CheckpointError(f"checkpoint {path} does not exist{so_far}")
+    if Path(path).suffix in (".safetensors", ".bin"):
+        raise CheckpointError(f"checkpoint {path} is a file of a Hugging Face model, not a checkpoint of "
+                              f"`minicvt train`; give its folder with --pretrained (minicvt.load in Python)")
+    with open(path, "rb") as f:
+        if f.read(6) == b"\x93NUMPY":
+            raise CheckpointError(f"checkpoint {path} is a single .npy array, not a .npz checkpoint")
+    return NpzReader(path, CheckpointError)
+
+
+def _read_meta(z):
+    """The metadata of the checkpoint open in z: bounded, JSON, this format, every field checked."""
+    if "meta" not in z.headers:
+        z.fail("has no metadata ('meta'): not a checkpoint of `minicvt train`")
+    text = z.read_text("meta", MAX_META_CHARS)
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        z.fail(f"its metadata is not readable JSON ({type(e).__name__})")
+    if not isinstance(meta, dict):
+        z.fail(f"its metadata must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        z.fail(f"is not a minicvt checkpoint (format {reprlib.repr(meta.get('format'))})")
+    problem = check_meta(meta)
+    if problem:
+        z.fail(f"metadata {problem}")
+    return meta
 
 
 # The metadata of a 1000-epoch run is about 350 000 characters.
@@ -212,7 +239,7 @@ def _train_config_problem(tc):
     not know, or one of another type than TrainConfig's own."""
     import dataclasses
 
-    from .train import TrainConfig              # here: train imports this module
+    from .train_config import TrainConfig       # here: train_config imports this module
     words = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}
     unknown = sorted(set(tc) - {f.name for f in dataclasses.fields(TrainConfig)})
     if unknown:             # a newer minicvt's setting: this one cannot run it as that one would

@@ -68,7 +68,7 @@ def cmd_train(args):
     from dataclasses import asdict, fields
 
     from . import run_folder
-    from .checkpoint import CheckpointError, load_checkpoint
+    from .checkpoint import CheckpointError, read_meta
     from .models import get_config
     from .train import TrainConfig, Trainer
 
@@ -81,8 +81,8 @@ def cmd_train(args):
                              "start over), not both")
         # the run's settings come from its checkpoint; a flag given now must agree with them
         last = run_folder.last_checkpoint(args.out)
-        _, optim_state, meta = load_checkpoint(last)
-        if not optim_state:
+        meta, has_optimiser = read_meta(last)               # the weights are the Trainer's to load
+        if not has_optimiser:
             raise CheckpointError(f"{last} holds no optimiser state (best.npz and inference copies are "
                                   f"saved without it); --resume needs the last.npz its run wrote")
         saved = asdict(TrainConfig.from_saved(meta["train_config"]))   # as the run ran, settings it predates included

@@ -57,9 +57,9 @@ def last_checkpoint(folder):
     return last
 
 
-def position(meta, epochs):
+def position(meta):
     """Where a checkpoint's run stands, from its metadata: (epoch, step), 0-based, of the next
-    step to run; (epochs, 0) for a finished run."""
+    step to run (the epoch count itself for a finished run)."""
     pos = meta.get("position")
     if pos:
         return pos["epoch"], pos["step"]
@@ -68,7 +68,7 @@ def position(meta, epochs):
 
 def describe(meta, epochs, steps=None):
     """'after epoch 3 of 24', 'in epoch 4 of 24 at step 40 of 351', or 'finished (24 epochs)'."""
-    epoch, step = position(meta, epochs)
+    epoch, step = position(meta)
     if epoch >= epochs:
         return f"finished ({epochs} epochs)"
     if step == 0:
@@ -80,7 +80,7 @@ def describe(meta, epochs, steps=None):
 def check_resumable(folder, meta, epochs):
     """Raise RunFolderError if the run in `folder` (its last.npz's metadata) has finished:
     --resume continues interrupted runs; a finished one is trained further as a new run."""
-    if position(meta, epochs)[0] >= epochs:
+    if position(meta)[0] >= epochs:
         last = Path(folder) / "last.npz"
         raise RunFolderError(f"--resume: the run in {folder} has finished (all {epochs} epochs); to train "
                              f"it further, start a new run from its weights: minicvt train --init-from "

@@ -8,6 +8,7 @@ pipeline.
     path = find_cifar10()          # $MINICVT_DATA, else the downloaded archive, else None
 """
 import lzma
+import os
 import tarfile
 import zlib
 from pathlib import Path
@@ -51,7 +52,6 @@ def find_cifar10(cache_dir=None):
     """Where this machine has CIFAR-10, for the notebooks (None if nowhere): $MINICVT_DATA if
     set (the official archive, an image folder or its tar; an error if it does not exist),
     else the official archive in the cache, where `minicvt train --data cifar10` downloads it."""
-    import os
     given = os.environ.get("MINICVT_DATA", "").strip()
     if given:
         path = Path(given).expanduser()

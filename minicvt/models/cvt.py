@@ -154,7 +154,7 @@ class ConvolutionalVisionTransformer(nn.Module):
     def _largest_input(self):
         """The largest value a normalised pixel can take: with the model's own normalisation,
         twice what a pixel of 0 or 1 becomes (a channel of small std spreads far); else 20."""
-        norm = self.normalization or getattr(self, "preprocessing", None)
+        norm = self.normalization or self.preprocessing
         if not norm:
             return self.LARGEST_INPUT
         reach = max(max(m, 1 - m) / s for m, s in zip(norm["mean"], norm["std"]))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import backend
-from ..checkpoint import CheckpointError, atomic_savez, check_meta, load_checkpoint
+from ..checkpoint import CheckpointError, atomic_savez, check_meta, load_checkpoint, run_checkpoint_in
 from ..npz import NpzReader
 from .configs import CvTConfig
 from .cvt import ConvolutionalVisionTransformer
@@ -52,10 +52,9 @@ def load(path, dtype=None):
         if (path / "config.json").is_file():
             from .pretrained import from_pretrained
             return from_pretrained(path, **({"dtype": dtype} if dtype else {}))
-        inside = [f"{path / name}" for name in ("best.npz", "last.npz") if (path / name).is_file()]
+        meant = run_checkpoint_in(path)
         raise CheckpointError(f"{path} is a folder, not a model file" + (
-            f"; did you mean {inside[0]}?" if inside else
-            " (nor a Hugging Face folder: it has no config.json)"))
+            f"; did you mean {meant}?" if meant else " (nor a Hugging Face folder: it has no config.json)"))
     if path.suffix in (".safetensors", ".bin"):
         raise CheckpointError(f"{path} is a file of a Hugging Face model: give the folder that holds it with "
                               f"its config.json ({path.parent})")

@@ -129,9 +129,7 @@ class BatchNorm2d(Module):
         self.register_buffer("num_batches_tracked", backend.to_device(np.zeros((), np.int64)))
 
     def forward(self, x):
-        out, cache, (mean, var) = ops.batchnorm2d_forward(
-            x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
-            self.training, self.momentum, self.eps, self.channels_last)
+        out, cache, (mean, var) = self._normalise(x)
         if self.training:
             self.running_mean, self.running_var = mean, var
             self.num_batches_tracked = self.num_batches_tracked + 1
@@ -139,10 +137,18 @@ class BatchNorm2d(Module):
         return out
 
     def backward(self, dout):
-        dx, dgamma, dbeta = ops.batchnorm2d_backward(dout, self._take())
+        dx, dgamma, dbeta = self._normalise_backward(dout, self._take())
         self.weight.grad += dgamma
         self.bias.grad += dbeta
         return dx
+
+    # the layer math: SyncBatchNorm2d swaps these two for the forms that join the ranks' batches
+    def _normalise(self, x):
+        return ops.batchnorm2d_forward(x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
+                                       self.training, self.momentum, self.eps, self.channels_last)
+
+    def _normalise_backward(self, dout, cache):
+        return ops.batchnorm2d_backward(dout, cache)
 
 
 class SyncBatchNorm2d(BatchNorm2d):
@@ -157,21 +163,13 @@ class SyncBatchNorm2d(BatchNorm2d):
         super().__init__(channels, eps, momentum, dtype, channels_last)
         self.comm = comm
 
-    def forward(self, x):
-        out, cache, (mean, var) = ops.sync_batchnorm2d_forward(
-            x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
-            self.training, self.comm, self.momentum, self.eps, self.channels_last)
-        if self.training:
-            self.running_mean, self.running_var = mean, var
-            self.num_batches_tracked = self.num_batches_tracked + 1
-        self._save(cache)
-        return out
+    def _normalise(self, x):
+        return ops.sync_batchnorm2d_forward(x, self.weight.data, self.bias.data, self.running_mean,
+                                            self.running_var, self.training, self.comm, self.momentum,
+                                            self.eps, self.channels_last)
 
-    def backward(self, dout):
-        dx, dgamma, dbeta = ops.sync_batchnorm2d_backward(dout, self._take(), self.comm)
-        self.weight.grad += dgamma
-        self.bias.grad += dbeta
-        return dx
+    def _normalise_backward(self, dout, cache):
+        return ops.sync_batchnorm2d_backward(dout, cache, self.comm)
 
 
 def convert_sync_batchnorm(module, comm):
