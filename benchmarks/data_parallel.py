@@ -184,7 +184,8 @@ def collectives(args):
     backend.set_backend(args.backend)
     world = distributed.init()
     if args.batch_size % world.size:
-        raise SystemExit(f"--batch-size {args.batch_size} does not split evenly over {world.size} ranks")
+        message = f"--batch-size {args.batch_size} does not split evenly over {world.size} ranks"
+        raise SystemExit(message if world.rank == 0 else 1)          # said once, every rank stops
     threads = threads_per_rank(world, args.threads)
     parallel.set_num_threads(threads)                  # minicvt's pool (which puts OpenBLAS on 1 thread)
     threadpool_limits(limits=threads, user_api="blas")  # BLAS, for a pool of 1 (where it keeps its own)
