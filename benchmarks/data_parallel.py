@@ -27,7 +27,6 @@ on rank 0 only):
 A script, not a test: nothing asserts a time. See benchmarks/README.md.
 """
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -447,17 +446,6 @@ def find_mpiexec(asked):
     return str(beside) if beside.exists() else shutil.which("mpiexec")
 
 
-def trainer_is_distributed():
-    """Whether the minicvt that `python -m minicvt` imports wires minicvt.distributed into its
-    trainer. Without it, mpiexec -n 2 would start two separate runs on the whole data set, each
-    writing the same folder: nothing to compare."""
-    for module in ("minicvt.train", "minicvt.cli"):
-        spec = importlib.util.find_spec(module)
-        if spec and spec.origin and "distributed" in Path(spec.origin).read_text():
-            return True
-    return False
-
-
 def train_once(label, launcher, threads, args, folder):
     """Run one epoch of `minicvt train` with `threads` per process; -> a dict, or None (with a
     printed reason) when it failed."""
@@ -505,10 +493,6 @@ def ranks_vs_threads(args):
     mpiexec = find_mpiexec(args.mpiexec)
     if not mpiexec:
         print("skipped: no mpiexec beside this Python or on PATH (pip install -e \".[mpi]\", or --mpiexec)")
-        return None
-    if not trainer_is_distributed():
-        print("skipped: this minicvt's trainer does not use minicvt.distributed yet, so mpiexec -n 2 "
-              "would start two separate runs on the whole data set")
         return None
     folder = Path(tempfile.mkdtemp(prefix="minicvt-dp-"))
     runs = []

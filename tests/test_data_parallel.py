@@ -1,0 +1,208 @@
+"""N ranks compute what one process computes (issue 20): `mpiexec -n 2` and `-n 3` training runs
+against one process, in float64 on cvt-cifar-s (drop path on) over a small image folder, 2
+epochs. Every weight, BatchNorm statistic and optimiser moment must agree within 1e-9
+relative; a run whose every rank is killed, or whose one rank gets SIGTERM, resumes to the
+same end; each rank is given only its share of every batch; and without the gradient
+all-reduce the ranks part.
+
+The tolerance has an absolute floor of 1e-12: a few parameters have a gradient of exactly zero
+in exact arithmetic (a key projection's bias adds a constant to each query's scores, which
+softmax ignores), so their values are round-off of about 1e-15, which the order of a sum over
+ranks changes.
+
+Skipped without mpi4py and an mpiexec (pip install -e ".[mpi]"). Every process has a timeout.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minicvt
+from minicvt.checkpoint import load_checkpoint
+from test_train import write_image_folder
+
+REPO = Path(minicvt.__file__).resolve().parent.parent
+TIMEOUT = 240
+pytest.importorskip("mpi4py", reason='mpi4py is not installed (pip install -e ".[mpi]")')
+MPIEXEC = next((str(p) for p in (Path(sys.executable).parent / "mpiexec",) if p.exists()), None) \
+    or __import__("shutil").which("mpiexec")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec beside this Python or on PATH")
+
+SETTINGS = ["--epochs", "2", "--batch-size", "6", "--val-size", "30", "--seed", "1", "--resolutions", "",
+            "--dtype", "float64", "--config", "cvt-cifar-s", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """This checkout's minicvt, one decoded-image cache for every run, one thread per rank."""
+    return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}", MINICVT_BACKEND="numpy",
+                MINICVT_CACHE=str(tmp_path_factory.mktemp("cache")), MINICVT_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("dp") / "shapes", per_class=50)   # 150 images
+
+
+def launcher(ranks):
+    return [MPIEXEC, "-n", str(ranks)] if ranks > 1 else []
+
+
+def train(ranks, env, args, check=True):
+    done = subprocess.run(launcher(ranks) + [sys.executable, "-m", "minicvt", "train", *args],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def arrays(out):
+    """{name: array} of a run's last.npz: the model's weights and buffers, the optimiser's state."""
+    model, optim, _ = load_checkpoint(out / "last.npz")
+    return {**{f"model/{k}": v for k, v in model.items()}, **{f"optim/{k}": v for k, v in optim.items()}}
+
+
+def assert_same_run(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(b[name], a[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def one_process(folder, env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "run"
+    train(1, env, ["--data", str(folder), "--out", str(out), *SETTINGS])
+    return out
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_ranks_end_where_one_process_ends(ranks, one_process, folder, env, tmp_path):
+    train(ranks, env, ["--data", str(folder), "--out", str(tmp_path / "run"), *SETTINGS])
+    assert_same_run(arrays(one_process), arrays(tmp_path / "run"))
+    history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (one_process / "metrics.jsonl").read_text().splitlines()]
+    for got, want in zip(history, expected, strict=True):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9), key
+
+
+def rank_pids(tag):
+    """{rank: pid} of the ranks an mpiexec started (Linux: their environment names the rank)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"minicvt" in cmdline and b"train" in cmdline and f"MINICVT_TEST_RUN={tag}".encode() in environ:
+            rank = next((int(v.split(b"=")[1]) for v in environ if v.startswith(b"PMI_RANK=")), None)
+            if rank is not None:
+                found[rank] = int(proc.name)
+    return found
+
+
+def start(ranks, env, args):
+    """An mpiexec in its own process group, whose ranks carry a mark to be found by."""
+    tag = str(time.monotonic_ns())
+    proc = subprocess.Popen(launcher(ranks) + [sys.executable, "-m", "minicvt", "train", *args],
+                            env=dict(env, MINICVT_TEST_RUN=tag), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc.tag = tag
+    return proc
+
+
+def wait_for_saves(out, count, proc):
+    """Until last.npz has been replaced `count` times (or the run ended)."""
+    last, seen, deadline = out / "last.npz", 0, time.monotonic() + TIMEOUT
+    stamp = None
+    while seen < count and proc.poll() is None and time.monotonic() < deadline:
+        now = last.stat().st_mtime_ns if last.exists() else None
+        if now != stamp and now is not None:
+            seen, stamp = seen + 1, now
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc (Linux)")
+def test_every_rank_killed_then_resumed_ends_the_same(folder, env, tmp_path):
+    """kill -9 to every rank and the launcher in the middle of epoch 1, then `--resume` as 2
+    ranks: the bits of the uninterrupted 2-rank run. A resume as 3 ranks from the same kind of
+    checkpoint ends within the tolerance (the sums over ranks add in another order)."""
+    whole = tmp_path / "whole"
+    train(2, env, ["--data", str(folder), "--out", str(whole), *SETTINGS])
+    for resumed_as in (2, 3):
+        out = tmp_path / f"killed-{resumed_as}"
+        proc = start(2, env, ["--data", str(folder), "--out", str(out), *SETTINGS, "--save-every", "2"])
+        wait_for_saves(out, 3, proc)
+        os.killpg(proc.pid, signal.SIGKILL)          # the launcher and every rank at once
+        proc.communicate(timeout=TIMEOUT)
+        meta = load_checkpoint(out / "last.npz")[2]
+        assert meta["position"] is not None          # stopped inside an epoch
+        train(resumed_as, env, ["--resume", "--out", str(out), "--quiet"])
+        if resumed_as == 2:
+            a, b = arrays(whole), arrays(out)
+            assert all(np.array_equal(a[k], b[k]) for k in a), "not bit for bit"
+        else:
+            assert_same_run(arrays(whole), arrays(out))
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks through /proc (Linux)")
+def test_sigterm_to_one_rank_stops_every_rank_saved(folder, env, tmp_path):
+    """A scheduler's SIGTERM that reaches rank 1 alone: the ranks agree at their next meeting,
+    save together and exit 143; the command to continue names the ranks; resuming ends as the
+    uninterrupted run (compared within the tolerance with the one-process run's)."""
+    out = tmp_path / "run"
+    proc = start(2, env, ["--data", str(folder), "--out", str(out), *SETTINGS, "--save-every", "1000"])
+    deadline = time.monotonic() + TIMEOUT
+    while len(pids := rank_pids(proc.tag)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(3.0)                                  # inside the first epoch's steps
+    os.kill(pids[1], signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "mpiexec -n 2 minicvt train --resume" in stderr
+    assert "stopped by SIGTERM" in stderr
+    assert load_checkpoint(out / "last.npz")[2]["position"] is not None
+    train(2, env, ["--resume", "--out", str(out), "--quiet"])
+    one = tmp_path / "one"
+    train(1, env, ["--data", str(folder), "--out", str(one), *SETTINGS])
+    assert_same_run(arrays(one), arrays(out))
+
+
+def watched(case, ranks, folder, env, out):
+    done = subprocess.run(launcher(ranks) + [sys.executable, str(REPO / "tests" / "mpi_train.py"), case,
+                                             str(folder), str(out)],
+                          env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+
+
+def test_each_rank_is_given_only_its_share(folder, env, tmp_path):
+    """Every batch of 6 goes 3 and 3 to the two ranks, disjoint, together the one process's
+    batch; the ranks end with the same weights as each other and as one process. (An
+    implementation where each rank runs the whole batch fails the first assertion.)"""
+    (tmp_path / "one").mkdir()
+    (one,) = watched("train", 1, folder, env, tmp_path / "one")
+    (tmp_path / "two").mkdir()
+    ranks = watched("train", 2, folder, env, tmp_path / "two")
+    whole = {(e, i): images for e, i, images in one["batches"]}
+    for r, report in enumerate(ranks):
+        assert len(report["batches"]) == len(whole)
+        for e, i, images in report["batches"]:
+            assert len(images) == 3
+            assert images == whole[(e, i)][3 * r:3 * r + 3]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    for got, want in zip(ranks[0]["history"], one["history"], strict=True):
+        assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_without_the_allreduce_the_ranks_part(folder, env, tmp_path):
+    ranks = watched("no-allreduce", 2, folder, env, tmp_path)
+    assert ranks[0]["weights"] != ranks[1]["weights"]
