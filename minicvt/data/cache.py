@@ -115,9 +115,10 @@ def map_npy(path, dtype, shape):
 @contextlib.contextmanager
 def locked(where):
     """Hold the lock of the cache folder `where` (made if absent): one process at a time
-    writes a cache; the others wait here. Where the system has no flock (Windows) or refuses
-    it (some network file systems), the lock is skipped: each writer then decodes on its own
-    and renames identical files into place, which a reader sees whole either way."""
+    writes a cache; the others wait here. Yields whether the lock is held. Where the system
+    has no flock (Windows) or refuses it (some network file systems), it is not: each writer
+    then decodes on its own and renames identical files into place, which a reader sees whole
+    either way."""
     where.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
@@ -125,12 +126,14 @@ def locked(where):
     except (ImportError, OSError):
         fd = None
     try:
+        held = False
         try:
             if fd is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX)
+                held = True
         except OSError:
             pass                                 # no locks here: see above
-        yield
+        yield held
     except BaseException:
         with contextlib.suppress(OSError):       # a refused source leaves no empty folder behind
             os.rmdir(where)                      # (refused if anything is in it)
@@ -140,11 +143,12 @@ def locked(where):
             os.close(fd)                         # releases the lock
 
 
-def write(files, shape, chunks, labels, meta):
+def write(files, shape, chunks, labels, meta, held=True):
     """Write the cache and map it back: images.npy (the uint8 `shape`) from `chunks`, uint8
     arrays whose concatenation along axis 0 is the images (a decoder's output, one image or a
     batch at a time: the whole set is never in memory), labels.npy, then meta.json (`meta` plus
-    the shape and sums). -> (images memmap, labels). Call it holding `locked`. Raises OSError
+    the shape and sums). -> (images memmap, labels). Call it in `locked`, held: what it yielded
+    (without the lock, another writer's temporaries are not taken for a killed run's). Raises OSError
     (SaveError) if the disk has no room or the folder cannot be written; an error a chunk
     raises (a bad image) passes through. Either way no cache is left."""
     where = files["meta.json"].parent
@@ -153,7 +157,8 @@ def write(files, shape, chunks, labels, meta):
     if free < need + (64 << 20):                  # a margin for the file system's own needs
         raise OSError(f"{need / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free")
     files["meta.json"].unlink(missing_ok=True)
-    remove_temporaries(where, [p.name for p in files.values()])      # of killed writes
+    if held:
+        remove_temporaries(where, [p.name for p in files.values()])  # of killed writes
     h = hashlib.sha1()
 
     def write_images(f):

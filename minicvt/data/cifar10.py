@@ -69,11 +69,11 @@ def load_cifar10_archive(path, split="train", md5=CIFAR10_MD5, cache_dir=None, u
     try:
         got = cache.read(files, expect)
         if got is None:
-            with cache.locked(where):
+            with cache.locked(where) as held:
                 got = cache.read(files, expect)    # another process may have written it meanwhile
                 if got is None:
                     decoded = _unpickle(path, split, md5)
-                    return cache.write(files, decoded[0].shape, [decoded[0]], decoded[1], expect)
+                    return cache.write(files, decoded[0].shape, [decoded[0]], decoded[1], expect, held)
         return got[:2]
     except OSError as e:            # a full disk, a read-only folder
         print(f"minicvt: could not write the decoded images' cache in {printable(where)} "

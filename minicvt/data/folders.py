@@ -229,7 +229,7 @@ def _decode(found, source, progress=False):
     return images, labels, classes
 
 
-def _decode_to_cache(found, source, files, signature, progress=False):
+def _decode_to_cache(found, source, files, signature, held, progress=False):
     """Decode straight into the cache's images.npy, image by image: the decoded set is never
     in this process's memory, so a folder larger than memory can be decoded (its cache then
     streams from disk). -> (images memmap, labels, classes). Raises OSError if the cache cannot
@@ -240,7 +240,7 @@ def _decode_to_cache(found, source, files, signature, progress=False):
     shape = (len(found),) + first.shape
     meta = {"version": CACHE_VERSION, "classes": classes, "signature": signature}
     chunks = itertools.chain([first[None]], (a[None] for a in images))
-    mapped, labels = cache.write(files, shape, chunks, labels, meta)
+    mapped, labels = cache.write(files, shape, chunks, labels, meta, held)
     return mapped, labels, classes
 
 
@@ -316,12 +316,12 @@ def load_image_folder(path, use_cache=True, cache_dir=None, progress=False):
         cached = _read_cache(files, signature)
         if cached is not None:
             return cached
-        with cache.locked(where):
+        with cache.locked(where) as held:
             cached = _read_cache(files, signature)     # another process may have written it meanwhile
             if cached is not None:
                 return cached
             found = _find(source)
-            return _decode_to_cache(found, source, files, signature, progress)
+            return _decode_to_cache(found, source, files, signature, held, progress)
     except OSError as e:            # a full disk, a read-only folder: the source's errors are DataErrors
         print(f"minicvt: could not write the decoded images' cache in {printable(where)} "
               f"({printable(e)}); going on without it", file=sys.stderr)
