@@ -46,8 +46,9 @@ def _is_image(name):
 
 
 def memory_bytes():
-    """This machine's memory in bytes (8 GiB where the system does not say): the decoded
-    dataset and, for a tar, the image files read from it are held in memory."""
+    """This machine's memory in bytes (8 GiB where the system does not say): for a tar, the
+    image files read from it are held in memory, and so is the decoded dataset where it is not
+    decoded into the cache."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
