@@ -8,7 +8,8 @@ import pytest
 
 from minicvt import backend
 from minicvt.backend import BackendRNG
-from minicvt.data import Loader, channel_stats, fingerprint, normalize, pipeline, random_crop, random_hflip, split_indices
+from minicvt.data import (Loader, channel_stats, fingerprint, normalize, pipeline, random_crop, random_hflip,
+                          split_indices)
 
 host = backend.to_numpy
 
