@@ -5,7 +5,10 @@ download, no server, Ctrl-C, corrupt cached file) raises DataError and leaves th
 import functools
 import hashlib
 import http.server
+import importlib
 import io
+import mmap
+import os
 import pickle
 import socket
 import tarfile
@@ -20,6 +23,7 @@ import minicvt.data as data
 from minicvt.data import (CLASSES, DataError, default_cache_dir, fetch_cifar10, load_cifar10_archive,
                           load_dataset, md5sum)
 
+download_module = importlib.import_module("minicvt.data.download")   # data.download is its function
 ARCHIVE = "cifar-10-python.tar.gz"
 # images per batch: data_batch_1..5, then test_batch (small, but not all equal)
 _SIZES = {**{f"data_batch_{i}": 2 + i % 2 for i in range(1, 6)}, "test_batch": 4}
@@ -297,7 +301,11 @@ def test_load_dataset_cifar10_downloads_into_the_cache(cifar_archive, server, tm
     monkeypatch.setattr(data, "load_cifar10_archive", functools.partial(load_cifar10_archive, md5=md5))
     images, labels, classes = load_dataset("cifar10", split="test", cache_dir=tmp_path / "c",
                                            progress=False)
-    assert classes == list(CLASSES) and _files(tmp_path / "c") == [ARCHIVE]
+    # the archive, and beside it the decoded cache of its test split
+    assert classes == list(CLASSES) and _files(tmp_path / "c") == [ARCHIVE, "cifar10"]
+    (decoded,) = (tmp_path / "c" / "cifar10").iterdir()
+    assert _files(decoded) == ["test.images.npy", "test.labels.npy", "test.meta.json"]
+    assert isinstance(images, np.memmap) and images.filename == str(decoded / "test.images.npy")
     np.testing.assert_array_equal(images, expected["test"][0])
     np.testing.assert_array_equal(labels, expected["test"][1])
 
@@ -330,3 +338,97 @@ def test_load_dataset_refuses_the_unpacked_official_archive(cifar_archive, tmp_p
 def test_load_dataset_missing_path_says_what_to_give(tmp_path):
     with pytest.raises(DataError, match=r"no such file or directory \(give 'cifar10'"):
         load_dataset(tmp_path / "nowhere")
+
+
+# -- the decoded cache of the archive -----------------------------------------------------------
+
+_real_loads = pickle.loads
+
+
+def _decoded_files(cache):
+    (folder,) = (Path(cache) / "cifar10").iterdir()
+    return folder, _files(folder)
+
+
+def test_each_split_is_decoded_once_then_mapped_without_unpickling_or_md5(cifar_archive, tmp_path,
+                                                                          monkeypatch):
+    folder, md5, expected = cifar_archive
+    cache = tmp_path / "c"
+    first = {split: load_cifar10_archive(folder / ARCHIVE, split, md5=md5, cache_dir=cache)
+             for split in ("train", "test")}
+    where, files = _decoded_files(cache)
+    assert files == sorted(f"{s}.{f}" for s in ("train", "test")
+                           for f in ("images.npy", "labels.npy", "meta.json"))
+    # later loads: no pickle read, no 170 MB hashed; the images are the cache file's pages
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled although cached"))
+    monkeypatch.setattr(download_module, "md5sum", lambda *a: pytest.fail("MD5 computed although cached"))
+    for split in ("train", "test"):
+        for images, labels in (first[split], load_cifar10_archive(folder / ARCHIVE, split, md5=md5,
+                                                                  cache_dir=cache)):
+            assert isinstance(images, np.memmap) and images.filename == str(where / f"{split}.images.npy")
+            assert not images.flags.writeable and isinstance(images.base, mmap.mmap)
+            np.testing.assert_array_equal(images, expected[split][0])
+            np.testing.assert_array_equal(labels, expected[split][1])
+
+
+def test_a_cache_serves_only_the_md5_it_was_verified_against(cifar_archive, tmp_path, no_unpickling):
+    # a cache made from this archive under its own MD5 (as the tests do) must not let the same
+    # file pass as the official archive: the official MD5 is checked, and refuses it
+    folder, md5, _ = cifar_archive
+    cache = tmp_path / "c"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pickle, "loads", _real_loads)
+        load_cifar10_archive(folder / ARCHIVE, "train", md5=md5, cache_dir=cache)
+    with pytest.raises(DataError, match=rf"MD5 {md5}, expected {data.CIFAR10_MD5}"):
+        load_cifar10_archive(folder / ARCHIVE, "train", cache_dir=cache)
+
+
+def test_a_changed_archive_is_verified_again(cifar_archive, tmp_path):
+    folder, md5, _ = cifar_archive
+    cache, path = tmp_path / "c", folder / ARCHIVE
+    load_cifar10_archive(path, "test", md5=md5, cache_dir=cache)
+    st = path.stat()
+    path.write_bytes(path.read_bytes()[:-10])                     # damaged since: MD5 checked again
+    os.utime(path, (st.st_atime + 10, st.st_mtime + 10))
+    with pytest.raises(DataError, match="corrupt or not the expected file"):
+        load_cifar10_archive(path, "test", md5=md5, cache_dir=cache)
+
+
+def test_a_damaged_decoded_cache_is_decoded_again(cifar_archive, tmp_path):
+    folder, md5, expected = cifar_archive
+    cache = tmp_path / "c"
+    load_cifar10_archive(folder / ARCHIVE, "train", md5=md5, cache_dir=cache)
+    where, _ = _decoded_files(cache)
+    npy = where / "train.images.npy"
+    good = npy.read_bytes()
+    npy.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))            # one pixel changed: its SHA-1 differs
+    images, labels = load_cifar10_archive(folder / ARCHIVE, "train", md5=md5, cache_dir=cache)
+    np.testing.assert_array_equal(images, expected["train"][0])
+    assert npy.read_bytes() == good                               # and the cache rewritten
+
+
+def test_an_unwritable_decoded_cache_is_said_in_one_line(cifar_archive, tmp_path, capsys):
+    folder, md5, expected = cifar_archive
+    blocker = tmp_path / "c"
+    blocker.write_text("a file where the cache folder would go")
+    images, labels = load_cifar10_archive(folder / ARCHIVE, "test", md5=md5, cache_dir=blocker)
+    np.testing.assert_array_equal(images, expected["test"][0])
+    assert not isinstance(images, np.memmap)                      # in memory, as before the cache
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "could not write the decoded images' cache" in err, err
+
+
+def test_load_dataset_cifar10_hashes_the_archive_only_to_decode_it(cifar_archive, server, tmp_path,
+                                                                   monkeypatch):
+    # the first load downloads (hashing the bytes as they arrive) and decodes after checking
+    # the MD5; the second finds the archive and its decoded cache and reads neither
+    _, md5, expected = cifar_archive
+    monkeypatch.setattr(data, "fetch_cifar10",
+                        functools.partial(fetch_cifar10, url=server.url(ARCHIVE), md5=md5))
+    monkeypatch.setattr(data, "load_cifar10_archive", functools.partial(load_cifar10_archive, md5=md5))
+    load_dataset("cifar10", cache_dir=tmp_path / "c", progress=False)
+    monkeypatch.setattr(download_module, "md5sum", lambda *a: pytest.fail("MD5 computed although cached"))
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled although cached"))
+    images, labels, _ = load_dataset("cifar10", cache_dir=tmp_path / "c", progress=False)
+    assert isinstance(images, np.memmap) and len(server.requests) == 1
+    np.testing.assert_array_equal(images, expected["train"][0])

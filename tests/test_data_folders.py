@@ -1,8 +1,13 @@
 """Image folders ROOT/<class>/*.png|jpg, read from a directory or a tar: classes in sorted order,
 exact pixels, the .npy cache (written, reused, rebuilt, or put in the user cache when the
-source's folder is read-only), and errors that name the file at fault."""
+source's folder is read-only; memory-mapped, and written once when two processes load at
+once), and errors that name the file at fault."""
+import hashlib
 import io
+import mmap
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -10,7 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minicvt.data import DataError, load_dataset, load_image_folder
+from minicvt.data import DataError, folders, load_dataset, load_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
 
 H, W = 6, 8
 # created in this (unsorted) order; the class index is the position in sorted order
@@ -198,6 +205,89 @@ def test_read_only_source_folder_puts_the_cache_in_the_user_cache(folder, tmp_pa
         _check(load_image_folder(root), folder)   # and found there the next time
     finally:
         os.chmod(root.parent, 0o755)
+
+
+# -- the cache is mapped, shared, and written once ------------------------------------------------
+
+def test_a_cached_folder_comes_back_mapped_from_the_cache_file(folder, tmp_path, monkeypatch):
+    root = folder[0]
+    first = load_image_folder(root, cache_dir=tmp_path / "c")          # decoded into the cache
+    _forbid_decoding(monkeypatch)
+    second = load_dataset(root, cache_dir=tmp_path / "c")              # read from it
+    (npy,) = (tmp_path / "c" / "folders").rglob("*.images.npy")
+    for images, _, _ in (first, second):
+        # not read into this process: the file's pages, which every process mapping it shares
+        assert isinstance(images, np.memmap) and images.filename == str(npy)
+        assert isinstance(images.base, mmap.mmap) and not images.flags.writeable
+        _check((images, first[1], first[2]), folder)
+    with pytest.raises(ValueError, match="read-only"):
+        second[0][0, 0, 0, 0] = 1                                      # the dataset cannot be changed by accident
+
+
+def test_a_folder_larger_than_memory_is_decoded_into_the_cache_not_refused(folder, tmp_path, monkeypatch):
+    # 8 images of 8x6 take 1152 bytes decoded: with a 1000-byte "machine" they cannot be held in
+    # memory, but they stream into the cache image by image, and come back mapped from disk
+    monkeypatch.setattr(folders, "memory_bytes", lambda: 1000)
+    with pytest.raises(DataError, match="more than half this machine's memory"):
+        load_image_folder(folder[0], use_cache=False)
+    images, labels, classes = load_image_folder(folder[0], cache_dir=tmp_path / "c")
+    assert isinstance(images, np.memmap)
+    _check((images, labels, classes), folder)
+
+
+_RACE = r"""
+import hashlib, sys, time
+from pathlib import Path
+import numpy as np
+from minicvt.data import folders
+
+root, cache, me, other = sys.argv[1:5]
+Path(me).touch()
+deadline = time.monotonic() + 60
+while not Path(other).exists():          # both processes start loading at the same moment
+    if time.monotonic() > deadline:
+        sys.exit("the other process never started")
+    time.sleep(0.005)
+decodes, real = [], folders.decode_image
+
+def slow(*args):                         # decoding takes long enough for the other to arrive
+    decodes.append(1)
+    time.sleep(0.05)
+    return real(*args)
+
+folders.decode_image = slow
+images, labels, classes = folders.load_image_folder(root, cache_dir=cache)
+print(len(decodes), type(images).__name__, images.filename,
+      hashlib.sha1(np.ascontiguousarray(images)).hexdigest(), labels.tolist())
+"""
+
+
+def test_two_processes_loading_at_once_decode_once_and_map_one_cache(folder, tmp_path):
+    root, cache = folder[0], tmp_path / "c"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    ready = [tmp_path / "ready-0", tmp_path / "ready-1"]
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(root), str(cache), str(ready[i]),
+                               str(ready[1 - i])], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0 and not err, err
+            outs.append(out.split(maxsplit=4))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    images, labels, _ = load_image_folder(root, use_cache=False)
+    (npy,) = cache.rglob("*.images.npy")
+    # one process decoded every image while the other waited for the cache folder's lock
+    assert sorted(int(o[0]) for o in outs) == [0, len(labels)], outs
+    for o in outs:          # and both map the same file: one copy in the page cache
+        assert o[1:4] == ["memmap", str(npy), hashlib.sha1(images).hexdigest()], o
+        assert o[4].strip() == str(labels.tolist())
+    assert sorted(p.name for p in npy.parent.iterdir()) == sorted(f"imgs.{f}" for f in _CACHE_FILES)
 
 
 # -- errors -------------------------------------------------------------------------------------

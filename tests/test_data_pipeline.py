@@ -1,12 +1,15 @@
 """The batch pipeline on every backend: the train/validation split, channel statistics,
 normalisation, random crop and flip (each output checked against the transform it claims to
 be), and the Loader (every image once per epoch, seeded order that a resumed run repeats)."""
+import tracemalloc
+
 import numpy as np
 import pytest
 
 from minicvt import backend
 from minicvt.backend import BackendRNG
-from minicvt.data import Loader, channel_stats, normalize, random_crop, random_hflip, split_indices
+from minicvt.data import (Loader, channel_stats, fingerprint, normalize, pipeline, random_crop, random_hflip,
+                          split_indices)
 
 host = backend.to_numpy
 
@@ -80,6 +83,85 @@ def test_normalize_keeps_the_requested_dtype(xp, dtype):
     want = (_u8(4, 3, 2, 5) / 255.0 - host(mean)[:, None, None]) / host(std)[:, None, None]
     tol = 1e-5 if dtype == np.float32 else 1e-12        # float32 rounding of values up to ~2
     np.testing.assert_allclose(host(out), want, rtol=0, atol=tol)
+
+
+def _float64_stats(images):
+    """channel_stats as it was first written: a float64 copy of the whole set."""
+    x = images.astype(np.float64) / 255.0
+    return x.mean(axis=(0, 2, 3)), x.std(axis=(0, 2, 3))
+
+
+def test_channel_stats_in_chunks_equal_the_float64_formula(xp, monkeypatch):
+    images = _u8(300, 3, 16, 16, seed=4)
+    images[:, 1] //= 8                                  # one dark channel: means far apart
+    monkeypatch.setattr(pipeline, "STATS_CHUNK_BYTES", 8 * images[0].size * 7)   # 7 images a chunk
+    mean, std = channel_stats(backend.to_device(images))
+    assert backend.get_array_module(mean) is xp         # on the device the images are on
+    want_mean, want_std = _float64_stats(images)
+    np.testing.assert_allclose(host(mean), want_mean, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(host(std), want_std, rtol=1e-12, atol=0)
+
+
+def test_channel_stats_of_indices_are_those_of_the_gathered_images(xp, monkeypatch):
+    images = _u8(40, 3, 4, 5, seed=5)
+    indices = np.array([7, 3, 3, 39, 0, 12, 25, 8, 8, 8, 31])          # unsorted, repeated
+    monkeypatch.setattr(pipeline, "STATS_CHUNK_BYTES", 8 * images[0].size * 4)
+    mean, std = channel_stats(backend.to_device(images), indices)
+    want_mean, want_std = _float64_stats(images[indices])
+    np.testing.assert_allclose(host(mean), want_mean, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(host(std), want_std, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="no images"):
+        channel_stats(images, np.array([], dtype=np.int64))
+
+
+def _memmap(tmp_path, images):
+    np.save(tmp_path / "images.npy", images)
+    return np.load(tmp_path / "images.npy", mmap_mode="r")
+
+
+def _peak(f):
+    tracemalloc.start()
+    try:
+        out = f()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_channel_stats_of_a_memmap_never_copy_the_set(tmp_path, monkeypatch):
+    images = _u8(2000, 3, 16, 16, seed=6)                            # 1.5 MB; float64: 12.3 MB
+    mapped = _memmap(tmp_path, images)
+    monkeypatch.setattr(pipeline, "STATS_CHUNK_BYTES", 1 << 20)
+    train = np.arange(0, 2000, 3)
+    for indices in (None, train):
+        (mean, std), peak = _peak(lambda: channel_stats(mapped, indices))
+        # a chunk as int64 and its square: about 2 MB, far from a copy of the set in float64
+        assert peak < 3 << 20, peak
+        want = _float64_stats(images if indices is None else images[indices])
+        np.testing.assert_allclose(mean, want[0], rtol=1e-12, atol=0)
+        np.testing.assert_allclose(std, want[1], rtol=1e-12, atol=0)
+
+
+def test_fingerprint_of_a_memmap_reads_only_its_sample(tmp_path):
+    images, labels = _u8(5000, 3, 8, 8, seed=7), np.arange(5000) % 10
+    mapped = _memmap(tmp_path, images)
+    got, peak = _peak(lambda: fingerprint(mapped, labels))
+    assert got == fingerprint(images, labels)          # a checkpoint's fingerprint still matches
+    assert peak < 64 * images[0].nbytes + (1 << 17), peak        # the 64 sampled images, not 1 MB
+
+
+def test_to_device_keeps_a_memmap_mapped_on_numpy(tmp_path):
+    # the Loader moves the set with backend.to_device: on NumPy that is np.asarray, a view of
+    # the map (the file's pages, shared with the other ranks), not a copy in this process
+    mapped = _memmap(tmp_path, _u8(10, 3, 4, 4))
+    previous = backend.get_backend()
+    try:
+        backend.set_backend("numpy")
+        on_device = backend.to_device(mapped)
+    finally:
+        backend.set_backend(previous)
+    assert np.shares_memory(on_device, mapped) and not on_device.flags.owndata
+    assert on_device.base is mapped and not on_device.flags.writeable
 
 
 # -- augmentation -------------------------------------------------------------------------------

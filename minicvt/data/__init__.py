@@ -29,14 +29,15 @@ def load_dataset(data, split="train", cache_dir=None, progress=True):
     `split` ('train'/'test') applies to the official archive only. cache_dir: where downloads
     and decoded image folders go (default: $MINICVT_CACHE, else the user cache)."""
     if str(data) == "cifar10":
-        path = fetch_cifar10(cache_dir, progress=progress)
+        # an archive already there is verified by load_cifar10_archive when it unpickles it
+        path = fetch_cifar10(cache_dir, progress=progress, verify=False)
     else:
         path = Path(data)
         if not path.exists():
             raise DataError(f"--data {data}: no such file or directory (give 'cifar10', the official "
                             f"archive cifar-10-python.tar.gz, or an image folder or its tar)")
     if _is_official_archive(path):
-        images, labels = load_cifar10_archive(path, split)
+        images, labels = load_cifar10_archive(path, split, cache_dir=cache_dir)
         return images, labels, list(CLASSES)
     if path.is_dir() and ((path / "data_batch_1").exists() or (path / OFFICIAL_FOLDER).is_dir()):
         # its files are pickles: only the archive's published MD5 makes them safe to read

@@ -1,18 +1,19 @@
 """Image-folder datasets: ROOT/<class>/*.jpg|png, from a directory or a .tar/.tar.gz/.tar.xz.
 
 The class index is the position of the folder name in sorted order. Images are decoded once
-(images.decode_image, the one decoder of every path) and cached as .npy files in the cache
-folder (--cache-dir, else $MINICVT_CACHE, else the user cache; never beside the user's data);
-the cache is used again only while the source's size and time (for a folder, those of every
-image in it) match and its files are whole. What is refused, and why: docs/files.md.
+(images.decode_image, the one decoder of every path) straight into the decoded cache
+(data/cache.py: .npy files in --cache-dir, else $MINICVT_CACHE, else the user cache; never beside
+the user's data), which every load then memory-maps: the ranks of a run on one machine share one
+copy, and a folder larger than memory streams from disk. The cache is used again only while the
+source's size and time (for a folder, those of every image in it) match and its files are whole.
+What is refused, and why: docs/files.md.
 """
 import bz2
 import contextlib
 import gzip
 import hashlib
-import json
+import itertools
 import lzma
-import math
 import os
 import sys
 import tarfile
@@ -21,8 +22,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from ..atomic import atomic_write, remove_temporaries
-from .download import DataError, default_cache_dir
+from . import cache
+from .download import DataError
 from .images import decode_image, printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -45,8 +46,9 @@ def _is_image(name):
 
 
 def memory_bytes():
-    """This machine's memory in bytes (8 GiB where the system does not say): the decoded
-    dataset and, for a tar, the image files read from it are held in memory."""
+    """This machine's memory in bytes (8 GiB where the system does not say): for a tar, the
+    image files read from it are held in memory, and so is the decoded dataset where it is not
+    decoded into the cache."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
@@ -67,11 +69,14 @@ def _list_directory(root):
 
 
 def _read_file(path, label):
-    size = path.stat().st_size
-    if size > MAX_IMAGE_BYTES:
-        raise DataError(f"{printable(label)}: {size} bytes is more than the {MAX_IMAGE_BYTES} an "
-                        f"image file in a dataset may have")
-    return path.read_bytes()
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise DataError(f"{printable(label)}: {size} bytes is more than the {MAX_IMAGE_BYTES} an "
+                            f"image file in a dataset may have")
+        return path.read_bytes()
+    except OSError as e:     # unreadable (permissions), or removed since the folder was listed
+        raise DataError(f"{printable(label)}: cannot read it ({printable(e.strerror or e)})") from e
 
 
 class _BoundedReader:
@@ -164,12 +169,10 @@ def _check_end(tar, source):
             break
 
 
-def _decode(found, source, progress=False):
-    """Group files by their folder, check they share one parent, decode each (decode_image)
-    into one uint8 (N, 3, H, W) array allocated once the first image gives H and W (with a
-    progress bar: 50,000 CIFAR-10 JPEGs take about 11 s)."""
-    from tqdm import tqdm
-
+def _plan(found, source):
+    """Group files by their folder and check they share one parent -> (found in load order,
+    labels (N,) int64, classes). Load order is (class name, file name); the class index is the
+    position of the folder name in sorted order."""
     where = printable(source)
     if not found:
         raise DataError(f"{where}: no .jpg/.jpeg/.png images found (expected ROOT/<class>/*.jpg)")
@@ -193,17 +196,53 @@ def _decode(found, source, progress=False):
     classes = sorted({PurePosixPath(d).name for d, _, _ in found})
     index = {c: i for i, c in enumerate(classes)}
     found = sorted(found, key=lambda t: (PurePosixPath(t[0]).name, t[1]))
-    images, labels = None, np.array([index[PurePosixPath(d).name] for d, _, _ in found], dtype=np.int64)
-    for i, (d, name, read) in enumerate(tqdm(found, desc=f"decoding {Path(source).name}", unit="img",
-                                             leave=False, disable=not progress, delay=PROGRESS_DELAY_S)):
+    labels = np.array([index[PurePosixPath(d).name] for d, _, _ in found], dtype=np.int64)
+    return found, labels, classes
+
+
+def _decoded(found, source, progress=False):
+    """Each image of `found` (in its order) decoded by decode_image, (3, H, W) uint8, one at a
+    time, with a progress bar (50,000 CIFAR-10 JPEGs take about 11 s); all must share the
+    first one's size."""
+    from tqdm import tqdm
+
+    first = None
+    for d, name, read in tqdm(found, desc=f"decoding {Path(source).name}", unit="img",
+                              leave=False, disable=not progress, delay=PROGRESS_DELAY_S):
         a = np.asarray(decode_image(read(), f"{source}: {d}/{name}"))     # (H, W, 3) uint8
-        if images is None:
-            images = _allocate(len(found), a.shape[:2], where)
-        elif a.shape[:2] != images.shape[2:]:
-            raise DataError(f"{where}: {printable(d)}/{printable(name)} is {a.shape[1]}x{a.shape[0]}, but the "
-                            f"first image is {images.shape[3]}x{images.shape[2]}; all must share one size")
-        images[i] = a.transpose(2, 0, 1)                                   # (H, W, 3) -> (3, H, W)
+        if first is None:
+            first = a.shape[:2]
+        elif a.shape[:2] != first:
+            raise DataError(f"{printable(source)}: {printable(d)}/{printable(name)} is {a.shape[1]}x{a.shape[0]}, "
+                            f"but the first image is {first[1]}x{first[0]}; all must share one size")
+        yield a.transpose(2, 0, 1)                                         # (H, W, 3) -> (3, H, W)
+
+
+def _decode(found, source, progress=False):
+    """(images (N, 3, H, W) uint8 in memory, labels, classes): without a cache, or where the
+    cache cannot be written."""
+    found, labels, classes = _plan(found, source)
+    images = None
+    for i, a in enumerate(_decoded(found, source, progress)):
+        if images is None:           # allocated once the first image gives H and W
+            images = _allocate(len(found), a.shape[1:], printable(source))
+        images[i] = a
     return images, labels, classes
+
+
+def _decode_to_cache(found, source, files, signature, held, progress=False):
+    """Decode straight into the cache's images.npy, image by image: the decoded set is never
+    in this process's memory, so a folder larger than memory can be decoded (its cache then
+    streams from disk). -> (images memmap, labels, classes). Raises OSError if the cache cannot
+    be written (nothing is left of it)."""
+    found, labels, classes = _plan(found, source)
+    images = _decoded(found, source, progress)
+    first = next(images)                                  # its size gives the array's shape
+    shape = (len(found),) + first.shape
+    meta = {"version": CACHE_VERSION, "classes": classes, "signature": signature}
+    chunks = itertools.chain([first[None]], (a[None] for a in images))
+    mapped, labels = cache.write(files, shape, chunks, labels, meta, held)
+    return mapped, labels, classes
 
 
 def _allocate(n, hw, where):
@@ -216,16 +255,6 @@ def _allocate(n, hw, where):
     return np.empty((n, 3) + tuple(hw), dtype=np.uint8)
 
 
-def _cache_paths(source, cache_dir=None):
-    """In cache_dir (default: $MINICVT_CACHE, else the user cache), a folder per source named
-    after it and its full path's hash: two sources of the same name get different caches.
-    Nothing is ever written beside the user's data."""
-    stem = source.resolve().name         # 'train.tar.xz' and 'train/' get different caches
-    key = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:10]
-    folder = Path(cache_dir or default_cache_dir()) / "folders" / f"{stem}-{key}"
-    return {k: folder / f"{stem}.{k}" for k in ("images.npy", "labels.npy", "meta.json")}
-
-
 def _signature(source):
     """Size and time of a tar; for a folder, of every image below it (the folder's own time
     does not change when a file inside one of its class folders is added or rewritten)."""
@@ -235,110 +264,69 @@ def _signature(source):
             st = (source / d / name).stat()
             h.update(f"{d}/{name} {st.st_size} {st.st_mtime_ns}\n".encode())
         return {"source": str(source.resolve()), "images": h.hexdigest()}
-    st = source.stat()
-    return {"source": str(source.resolve()), "size": st.st_size, "mtime": st.st_mtime}
+    return cache.file_signature(source)
 
 
-def _sha1(a):
-    """Of an array's bytes: 0.1 s for CIFAR-10's 150 MB, against 12 s to decode it again."""
-    return hashlib.sha1(np.ascontiguousarray(a).data).hexdigest()
-
-
-def _write_cache(paths, images, labels, classes, signature):
-    """images.npy, labels.npy, then meta.json, which names their shapes and sums. meta.json goes
-    first and comes back last: a run killed in between leaves no cache, not half of one. A cache
-    that cannot be written (a full disk, a read-only folder) is said in one line and skipped."""
-    try:
-        paths["meta.json"].unlink(missing_ok=True)
-        remove_temporaries(paths["meta.json"].parent, [p.name for p in paths.values()])  # of killed writes
-        atomic_write(paths["images.npy"], lambda f: np.save(f, images, allow_pickle=False))
-        atomic_write(paths["labels.npy"], lambda f: np.save(f, labels, allow_pickle=False))
-        meta = {"version": CACHE_VERSION, "classes": classes, "shape": list(images.shape),
-                "sha1": [_sha1(images), _sha1(labels)], "signature": signature}
-        atomic_write(paths["meta.json"], lambda f: f.write(json.dumps(meta, indent=1).encode()))
-    except OSError as e:
-        print(f"minicvt: could not write the decoded images' cache in {printable(paths['meta.json'].parent)} "
-              f"({printable(e)}); going on without it", file=sys.stderr)
-
-
-def _read_cache(paths, signature):
-    """(images, labels, classes) from the cache if it is whole and of this source, else None
-    (decode again). A cache a killed run or a full disk left, or one damaged since, is never
-    used: each .npy header is read and checked against meta.json and the file's size before
-    anything is allocated, then the arrays' sums are checked."""
-    try:
-        if paths["meta.json"].stat().st_size > 1 << 20:          # far more than any list of classes
-            return None
-        meta = json.loads(paths["meta.json"].read_text())
-        if not (isinstance(meta, dict) and meta.get("version") == CACHE_VERSION
-                and meta.get("signature") == signature):
-            return None
-        classes, shape = meta["classes"], tuple(meta["shape"])
-        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-                and len(shape) == 4 and all(type(k) is int for k in shape) and shape[1] == 3):
-            return None
-        images = _read_npy(paths["images.npy"], np.uint8, shape)
-        labels = _read_npy(paths["labels.npy"], np.int64, shape[:1])
-        if (images is None or labels is None or meta["sha1"] != [_sha1(images), _sha1(labels)]
-                or labels.min() < 0 or labels.max() >= len(classes)):
-            return None
-        return images, labels, classes
-    except Exception:
-        # unreadable, not JSON, wrong fields, or a damaged .npy header (NumPy parses it with
-        # Python's tokenizer: SyntaxError, tokenize.TokenError...): whatever it is, decode again
+def _read_cache(files, signature):
+    """(images memmap, labels, classes) from a whole cache of this source, else None."""
+    got = cache.read(files, {"version": CACHE_VERSION, "signature": signature})
+    if got is None:
         return None
+    images, labels, meta = got
+    classes = meta.get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
+            and labels.min() >= 0 and labels.max() < len(classes)):
+        return None
+    return images, labels, classes
 
 
-def _read_npy(path, dtype, shape):
-    """The array in a .npy file if its header says exactly this dtype and C-order shape and the
-    file holds exactly that many bytes after it; else None. Nothing is allocated before the
-    checks (np.load would trust the header)."""
-    fmt = np.lib.format
-    with open(path, "rb") as f:
-        version = fmt.read_magic(f)
-        if version not in ((1, 0), (2, 0)):
-            return None
-        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-        got_shape, fortran, got_dtype = read_header(f)
-        count = math.prod(shape)
-        if (got_shape != shape or fortran or got_dtype != np.dtype(dtype)
-                or os.fstat(f.fileno()).st_size != f.tell() + count * np.dtype(dtype).itemsize):
-            return None
-        return np.fromfile(f, dtype=dtype, count=count).reshape(shape)
+def _find(source):
+    """[(class_dir, name, read() -> bytes)] of a folder or a tar (read in memory)."""
+    if source.is_dir():
+        return _list_directory(source)
+    tar = None
+    try:
+        with open_tar(source) as tar:
+            return _list_tar(tar, source)
+    # a truncated or corrupt .gz/.xz/.bz2 stream raises its own errors, not TarError
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
+        after = f", after member {tar.members[-1].name!r}" if tar is not None and tar.members else ""
+        raise DataError(f"{printable(source)} is neither a folder nor a readable tar archive "
+                        f"({printable(' '.join(str(e).split()))}{after}); --data takes 'cifar10', the "
+                        f"official archive, an image folder ROOT/<class>/*.jpg, or a tar of one") from e
 
 
 def load_image_folder(path, use_cache=True, cache_dir=None, progress=False):
     """images (N, 3, H, W) uint8, labels (N,) int64, classes (list of folder names).
-    path: a directory ROOT/<class>/* or a tar archive of one. The decoded arrays are cached
-    under cache_dir (default: $MINICVT_CACHE, else the user cache)."""
+    path: a directory ROOT/<class>/* or a tar archive of one. With use_cache, the images are
+    decoded once into a cache under cache_dir (default: $MINICVT_CACHE, else the user cache)
+    and come back as a read-only np.memmap of it (see data/cache.py: processes share it, and a
+    set larger than memory streams from disk); without, an array in memory."""
     source = Path(path)
     if not source.exists():
         raise DataError(f"{printable(source)} does not exist")
     if not (source.is_dir() or source.is_file()):
         raise DataError(f"{printable(source)} is neither a folder nor a file")
-    paths = _cache_paths(source, cache_dir)
-    if use_cache:
-        signature = _signature(source)
-        cached = _read_cache(paths, signature)
+    if not use_cache:
+        return _decode(_find(source), source, progress)
+    where = cache.folder("folders", source, cache_dir)
+    files = cache.paths(where, source.resolve().name)
+    signature = _signature(source)
+    found = None
+    try:
+        cached = _read_cache(files, signature)
         if cached is not None:
             return cached
-    if source.is_dir():
-        found = _list_directory(source)
-    else:
-        tar = None
-        try:
-            with open_tar(source) as tar:
-                found = _list_tar(tar, source)
-        # a truncated or corrupt .gz/.xz/.bz2 stream raises its own errors, not TarError
-        except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as e:
-            after = f", after member {tar.members[-1].name!r}" if tar is not None and tar.members else ""
-            raise DataError(f"{printable(source)} is neither a folder nor a readable tar archive "
-                            f"({printable(' '.join(str(e).split()))}{after}); --data takes 'cifar10', the "
-                            f"official archive, an image folder ROOT/<class>/*.jpg, or a tar of one") from e
-    images, labels, classes = _decode(found, source, progress)
-    if use_cache:
-        _write_cache(paths, images, labels, classes, signature)
-    return images, labels, classes
+        with cache.locked(where) as held:
+            cached = _read_cache(files, signature)     # another process may have written it meanwhile
+            if cached is not None:
+                return cached
+            found = _find(source)
+            return _decode_to_cache(found, source, files, signature, held, progress)
+    except OSError as e:            # a full disk, a read-only folder: the source's errors are DataErrors
+        print(f"minicvt: could not write the decoded images' cache in {printable(where)} "
+              f"({printable(e)}); going on without it", file=sys.stderr)
+    return _decode(found if found is not None else _find(source), source, progress)
 
 
 def load_image_files(paths, fit):

@@ -6,16 +6,45 @@ augmented there, so on a GPU nothing but indices crosses from the host per step.
 The order of epoch e depends only on (seed, e), and batch i's augmentation only on (seed, e, i):
 a resumed run draws exactly the batches and augmentations the uninterrupted run would have.
 """
+import math
+
 import numpy as np
 
 from .. import backend
 from ..backend import get_array_module
 
 
-def channel_stats(images):
-    """Per-channel mean and std (3,) of uint8 images (N, 3, H, W), on the 0..1 scale."""
-    x = images.astype(np.float64) / 255.0
-    return x.mean(axis=(0, 2, 3)), x.std(axis=(0, 2, 3))
+# channel_stats reads this many bytes of images at a time (as int64: 8 per pixel), however
+# large the set: never a float64 copy of all of it (CIFAR-10's would be 1.2 GB)
+STATS_CHUNK_BYTES = 16 << 20
+
+
+def channel_stats(images, indices=None):
+    """Per-channel mean and std (3,) of uint8 images (N, 3, H, W), on the 0..1 scale: of
+    images[indices] when indices (an index array) is given, without gathering them.
+
+    Chunk by chunk, as exact integer sums: for the m pixel values x of a channel (0..255),
+    S1 = sum x and S2 = sum x² are integers (int64 holds them for 10¹⁴ pixels), and
+    mean = S1 / (255 m), std = sqrt(m S2 - S1²) / (255 m) with m S2 - S1² computed exactly
+    in Python integers: no float rounding until the last step, and none of the cancellation
+    that makes the one-pass float formula E[x²] - E[x]² lose digits. Works on a memmap (the
+    chunks are read from disk in turn) and on a device array (the result is then on the device)."""
+    xp = get_array_module(images)
+    n = len(images) if indices is None else len(indices)
+    if n == 0:
+        raise ValueError("channel_stats: no images")
+    step = max(1, STATS_CHUNK_BYTES // (8 * images[0].size))
+    s1 = s2 = 0
+    for a in range(0, n, step):
+        chunk = images[a:a + step] if indices is None else images[xp.asarray(indices[a:a + step])]
+        x = chunk.astype(xp.int64)                                   # (k, 3, H, W)
+        s1 = s1 + x.sum(axis=(0, 2, 3))
+        s2 = s2 + (x * x).sum(axis=(0, 2, 3))
+    m = n * images.shape[2] * images.shape[3]                        # values per channel
+    s1, s2 = (backend.to_numpy(s).tolist() for s in (s1, s2))       # exact Python integers
+    mean = np.array([t / (255 * m) for t in s1])
+    std = np.array([math.sqrt(m * u - t * t) / (255 * m) for t, u in zip(s1, s2)])
+    return (mean, std) if xp is np else (xp.asarray(mean), xp.asarray(std))
 
 
 def normalize(batch_u8, mean, std, dtype=np.float32):

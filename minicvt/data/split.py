@@ -33,7 +33,9 @@ def run_split(n, val_size, seed=0, limit_train=0):
 
 def fingerprint(images, labels):
     """A short hash that tells one dataset from another: its shape, every label, and a sample
-    of the images (64 of them, evenly spaced). A checkpoint keeps the one of its training data."""
+    of the images (64 of them, evenly spaced). A checkpoint keeps the one of its training data.
+    Of a memmap (the decoded cache), only the 64 sampled images are read: a strided view, then
+    a copy of those alone; the same hash as of the array in memory."""
     step = max(1, len(images) // 64)
     h = hashlib.sha256(repr((images.shape, str(images.dtype))).encode())
     h.update(np.ascontiguousarray(labels).tobytes())
@@ -52,7 +54,8 @@ def is_training_data(images, labels, meta):
 
 def held_out(images, labels, meta, data_path):
     """The run's validation images and labels, (V, 3, H, W) and (V,), re-created from the
-    checkpoint metadata `meta` (the split's size and seed) on the data it was trained on."""
+    checkpoint metadata `meta` (the split's size and seed) on the data it was trained on.
+    Only the V images are gathered (in memory), not a copy of the whole set."""
     if not is_training_data(images, labels, meta):
         raise ValueError(f"--split val needs the data the run was trained on ({meta['num_images']} images), "
                          f"but {data_path} holds other images ({len(labels)}); leave --split out (or "
