@@ -233,12 +233,18 @@ class BackendRNG:
         mask = rng.random((N, 1, 1))
 
     Keyed streams are what an exact resume from the middle of an epoch needs (the stream of
-    step s can be made again from its key, without replaying steps 0..s-1; the trainer itself
-    still saves at epoch ends), what data parallelism can build on (processes that make the
-    same stream can draw for a whole global batch and each take its slice; nothing slices yet),
+    step s can be made again from its key, without replaying steps 0..s-1), what data
+    parallelism builds on (ranks that make the same stream draw for the whole global batch and
+    each takes its slice: `share` below),
     and what CuPy allows: a cuRAND generator's state cannot be saved, a key can. `purpose`
     keeps the streams of one run apart ('dropout' for the model's masks, 'augment' for the
     data's crops and flips).
+
+    Under data parallelism (docs/distributed.md) each rank holds one of `size` equal slices of
+    the global batch. `share(rank, size)` makes every draw one for the whole global batch, of
+    which this rank keeps its rows: a draw of shape (b, ...) is drawn as (size * b, ...) and
+    rows rank*b .. (rank+1)*b are returned. The first axis of every draw is the batch (masks,
+    crops, flips), so N ranks apply exactly the masks one process draws for the whole batch.
 
     The generator is made at the first draw after `at`, on the backend active then: on NumPy a
     numpy Generator, on CuPy cupy.random's, so masks are made on the GPU without a host round
@@ -248,7 +254,15 @@ class BackendRNG:
 
     def __init__(self, seed=0, purpose="dropout"):
         self.purpose = purpose
+        self.rank, self.size = 0, 1
         self.seed(seed)
+
+    def share(self, rank, size):
+        """Draw for a global batch of `size` equal slices and keep slice `rank`; returns self."""
+        if not 0 <= rank < size:
+            raise ValueError(f"share: rank {rank} is not in [0, {size})")
+        self.rank, self.size = int(rank), int(size)
+        return self
 
     def seed(self, seed):
         """Start again from `seed`, at epoch 0, step 0."""
@@ -280,8 +294,18 @@ class BackendRNG:
 
     def random(self, shape, dtype=np.float32):
         """Uniform [0, 1) samples of the given shape and dtype."""
-        return self._generator().random(shape, dtype=dtype)
+        return self._mine(self._generator().random(self._global(shape), dtype=dtype))
 
     def integers(self, low, high, shape):
         """Integers in [low, high) of the given shape."""
-        return self._generator().integers(low, high, size=shape)
+        return self._mine(self._generator().integers(low, high, size=self._global(shape)))
+
+    def _global(self, shape):                  # (b, ...) -> (size * b, ...): the global batch's draw
+        shape = tuple(shape)
+        return shape if self.size == 1 else (shape[0] * self.size, *shape[1:])
+
+    def _mine(self, draws):                    # this rank's rows of the global draw
+        if self.size == 1:
+            return draws
+        b = len(draws) // self.size
+        return draws[self.rank * b:(self.rank + 1) * b]

@@ -67,12 +67,16 @@ def cmd_train(args):
     """Train (or, with --resume, continue) a run in --out."""
     from dataclasses import asdict, fields
 
-    from . import run_folder
+    from . import distributed, run_folder
     from .checkpoint import CheckpointError, read_meta
     from .models import get_config
     from .train import TrainConfig, Trainer
 
     backend.set_backend(args.backend)
+    # one process: a World of one; under mpiexec, this rank of several (docs/distributed.md)
+    world = distributed.init(args.backend)
+    distributed.share_cores(world)
+    say = print if world.rank == 0 else (lambda *a, **k: None)      # rank 0 speaks for all
     run_folder.parse_save_every(args.save_every)          # a malformed value fails before any work
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
     if args.resume:
@@ -101,15 +105,17 @@ def cmd_train(args):
         tc = TrainConfig(**given)
     get_config(tc.model)      # an unknown name fails now, not after loading (or downloading) the data
     trainer = Trainer(tc, args.out, progress=not args.quiet, cache_dir=args.cache_dir, resuming=args.resume,
-                      overwrite=args.overwrite, save_every=args.save_every)
+                      overwrite=args.overwrite, save_every=args.save_every, world=world)
     if args.resume:
         trainer.resume()
     tc = trainer.tc                 # with --minutes, the number of epochs it planned
-    print(f"training {tc.model} on {tc.data} with {args.backend}: "
-          f"{len(trainer.train_loader) * tc.batch_size} images/epoch, {tc.epochs} epochs -> {args.out}")
-    print(json.dumps(asdict(tc)))
+    ranks = f" as {world.size} ranks ({tc.batch_size // world.size} images of each batch per rank)" \
+        if world.size > 1 else ""
+    say(f"training {tc.model} on {tc.data} with {args.backend}{ranks}: "
+        f"{len(trainer.train_loader) * tc.batch_size} images/epoch, {tc.epochs} epochs -> {args.out}")
+    say(json.dumps(asdict(tc)))
     trainer.fit()
-    print(_done_line(trainer, args.out))
+    say(_done_line(trainer, args.out))
     return 0
 
 
@@ -241,6 +247,10 @@ def build_parser():
     p.add_argument("--no-eval-flip", dest="eval_flip", action="store_const", const=False,
                    help="validate on the images alone (default: the mean of each image's and its "
                    "mirror's logits)")
+    p.add_argument("--no-sync-bn", dest="sync_bn", action="store_const", const=False,
+                   help="under several ranks (mpiexec), BatchNorm takes each rank's own batch statistics "
+                   "(as PyTorch's DDP; the result then depends on the number of ranks). Default: the "
+                   "global batch's, so N ranks compute what one process computes")
     p.add_argument("--seed", type=int, help="data split, order, augmentation, weights (default 0)")
     p.add_argument("--dtype", choices=["float32", "float64"], help="default float32")
     p.add_argument("--out", default="runs/cvt", help="output folder (checkpoints, metrics, curves; default runs/cvt)")
@@ -313,6 +323,7 @@ def main(argv=None):
     args.started = time.time()              # what this command wrote is newer than this
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .distributed import DistributedError
     from .stopping import Interrupted
     from .train import DivergedError
     try:
@@ -323,23 +334,58 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (no error at exit's flush)
         return 1
     except (backend.BackendError, ValueError, OSError, DataError, CheckpointError,
-            DivergedError) as e:     # OSError: a file that cannot be read or written (permissions, full disk)
+            DivergedError, DistributedError) as e:     # OSError: a file that cannot be read or written
         # one line, even where a library's message has several (tarfile lists each method it tried)
         message = " ".join(line.strip() for line in str(e).strip().splitlines())
-        print(f"minicvt {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return _fail(args, f"error: {message}", 2)
     except Interrupted as e:         # SIGINT or SIGTERM during training: the run saved its state
         # the command on a line of its own, to copy (the progress bar is closed by now)
-        print(f"minicvt {args.command}: {e}; continue with:\n{_resume_command(args)}", file=sys.stderr)
+        if not _rank():              # every rank stopped at the same step; one says so
+            print(f"minicvt {args.command}: {e}; continue with:\n{_resume_command(args)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"minicvt {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
-        return 130
+        return _fail(args, f"interrupted{_resume_hint(args)}", 130)
+    except Exception:                # a bug: its traceback; under several ranks, no rank left waiting
+        if _rank() is None:
+            raise
+        import traceback
+        traceback.print_exc()
+        return _fail(args, "error: the exception above stopped this rank", 1)
+
+
+def _rank():
+    """This process's rank; None when it is not one of several."""
+    from .distributed import current
+    world = current()
+    return None if world is None or world.size == 1 else world.rank
+
+
+def _fail(args, what, exit_code):
+    """Print `minicvt CMD: what` on stderr; -> exit_code. Under several ranks the failing rank
+    also ends the others (MPI_Abort): they may be waiting for it in a collective, which would
+    never return. A rank other than 0 waits a moment first, so that an error every rank meets
+    (a wrong flag) is printed once, by rank 0, whose abort ends the rest."""
+    from .distributed import current
+    world = current()
+    several = world is not None and world.size > 1
+    if several and world.rank != 0:
+        time.sleep(ABORT_GRACE_S)
+    who = f" (rank {world.rank} of {world.size})" if several else ""
+    print(f"minicvt {args.command}{who}: {what}", file=sys.stderr, flush=True)
+    if several:
+        world.abort(exit_code)
+    return exit_code
+
+
+ABORT_GRACE_S = 2.0       # how long a rank other than 0 lets rank 0 report an error they share
 
 
 def _resume_command(args):
     """`minicvt train --resume` for this run, with the flags a checkpoint does not store."""
     command = f"minicvt train --resume --out {shlex.quote(str(args.out))}"    # quoted: ready to paste
+    ranks = _rank() is not None and __import__("minicvt.distributed").distributed.current().size
+    if ranks:                        # (any number of ranks continues it; the same number, bit for bit)
+        command = f"mpiexec -n {ranks} {command}"
     if args.backend != "numpy":
         command += f" --backend {args.backend}"
     if args.cache_dir:

@@ -84,6 +84,10 @@ class World:
         """Return only once every rank has called barrier."""
         raise NotImplementedError
 
+    def abort(self, exit_code):
+        """Stop every rank now (an error on one rank: the others may be waiting in a collective
+        for it, and would wait forever)."""
+
     def __repr__(self):
         return (f"{type(self).__name__}(rank={self.rank}, size={self.size}, "
                 f"local_rank={self.local_rank}, local_size={self.local_size})")
@@ -147,6 +151,9 @@ class MPIWorld(World):
 
     def barrier(self):
         self.comm.Barrier()
+
+    def abort(self, exit_code):
+        self.comm.Abort(exit_code)        # MPI_Abort: the launcher ends every rank
 
 
 class NCCLWorld(MPIWorld):
@@ -233,6 +240,31 @@ def init(backend_name=None):
 def world():
     """The World set up by init (calling init on first use)."""
     return _state["world"] or init()
+
+
+def current():
+    """The World set up by init, or None before it (an error before init concerns this process only)."""
+    return _state["world"]
+
+
+def share_cores(world):
+    """Give each rank on a machine its share of the cores: minicvt's thread pool and BLAS each
+    get cores / local ranks threads (at least one), instead of every rank taking them all and
+    the ranks' threads fighting over the cores. MINICVT_NUM_THREADS, if set, is the pool's
+    count instead. One rank on its machine: nothing changes. Returns the threads per rank."""
+    if world.local_size == 1:
+        return None
+    from threadpoolctl import threadpool_limits
+
+    from .fast import parallel
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not os.environ.get("MINICVT_NUM_THREADS", "").strip():
+        parallel.set_num_threads(max(1, cores // world.local_size))
+    threads = parallel.num_threads()
+    # the pool runs BLAS on one thread inside its blocks; outside them (and with one thread)
+    # BLAS would start its own threads on every core: limit them to the share too
+    _state["blas"] = threadpool_limits(limits=threads, user_api="blas")
+    return threads
 
 
 # -- gradients in one flat buffer ------------------------------------------------------------------

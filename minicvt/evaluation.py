@@ -17,12 +17,14 @@ from .checkpoint import CheckpointError, load_checkpoint, saved_train_settings
 from .models import from_checkpoint
 
 
-def evaluate(model, loader, num_classes, progress=False, flip=False, size=None):
+def evaluate(model, loader, num_classes, progress=False, flip=False, size=None, world=None):
     """(mean loss, accuracy, per-class accuracy (K,)) over one pass, in eval mode, no caches.
     size: the images resized to size×size first (as the epoch's training images were).
     flip: the logits are the mean of the image's and its left-right mirror's (test-time
     augmentation; training flips too, so both are images the model has learnt to read).
-    Every sum stays on the device until one read-back at the end."""
+    Every sum stays on the device until one read-back at the end. world: under data
+    parallelism each rank's loader holds its share of the images, and the sums of all ranks
+    are added (one all-reduce) before the means are taken."""
     model.eval()
     criterion = nn.CrossEntropyLoss(check_labels=False)
     xp = backend.xp()
@@ -47,6 +49,8 @@ def evaluate(model, loader, num_classes, progress=False, flip=False, size=None):
             correct += (onehot & hit).sum(axis=0)
             seen += onehot.sum(axis=0)
     host = backend.to_numpy(xp.concatenate([correct, seen, xp.stack([total_loss, bad])]))
+    if world is not None:
+        world.allreduce(host)                    # float64 sums (K + K + 2,) on the host
     correct, seen, (total_loss, bad) = host[:num_classes], host[num_classes:-2], host[-2:]
     if bad:
         raise ValueError(f"{int(bad)} labels lie outside [0, {num_classes}): the labels must be "

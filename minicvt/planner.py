@@ -33,7 +33,7 @@ def plan_epochs(seconds, tc, model_config, train_loader, val_loader, dtype, log=
     scratch = build_model(model_config, seed=tc.seed + 1, dtype=dtype)
     optimizer, criterion = make_optimizer(tc, scratch), nn.CrossEntropyLoss(check_labels=False)
     x, y = next(iter(train_loader.epoch(0)))
-    val_images = len(val_loader.labels) if val_loader is not None else 0
+    val_images = len(val_loader.index) if val_loader is not None else 0
     epoch_s = {}
     for size in sizes:
         xs, times = data.resize(x, size), []

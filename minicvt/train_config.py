@@ -46,6 +46,9 @@ class TrainConfig:
     eval_flip: bool = True           # validation averages the logits of each image and its mirror
     minutes: float = 0.0             # plan the number of epochs to end within this many minutes
                                      # (0: take `epochs` as given); see planner.py
+    sync_bn: bool = True             # under several ranks, BatchNorm's batch statistics are those of the
+                                     # whole global batch (False: of each rank's slice, as PyTorch's DDP,
+                                     # so the result depends on the number of ranks); docs/distributed.md
 
     @classmethod
     def from_saved(cls, saved):

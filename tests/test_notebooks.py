@@ -10,6 +10,8 @@ that depend on installed versions. Cells tagged
 - "gpu" are not compared: what they print depends on whether the machine has a GPU;
 - "optional-files" are not compared: they use files that a user fetches (a pretrained model)
   where they are present, and say how to get them where they are not;
+- "needs-mpi" are not compared: they run `mpiexec` where mpi4py and an mpiexec are installed
+  (the `mpi` extra), and say how to install them where they are not;
 - "depends-on-data" (and the "data-source" cell itself) are compared only when the "data-source"
   cell printed the same as in the committed notebook: notebooks 9 and 10 use CIFAR-10 where
   `data.find_cifar10()` finds it (CI points MINICVT_DATA at the project's archive) and synthetic
@@ -218,7 +220,7 @@ def test_notebook_runs_and_outputs_are_fresh(path):
         if old["cell_type"] != "code":
             continue
         tags = set(_tags(old))
-        if tags & {"gpu", "optional-files"} or (tags & {"data-source", "depends-on-data"} and not same_data):
+        if tags & {"gpu", "optional-files", "needs-mpi"} or (tags & {"data-source", "depends-on-data"} and not same_data):
             continue
         before, after = _shown(old), _shown(new)
         # cells on the data (float32 training and predictions) may round their last digit either way

@@ -89,7 +89,9 @@ def resize(x, size):
 class Loader:
     """Batches of one split, on the active backend.
 
-    images (N, 3, H, W) uint8 and labels (N,) on the host; mean/std (3,) on the 0..1 scale.
+    images (N, 3, H, W) uint8 and labels (N,) on the host (images may be a memory map of the
+    decoded cache); indices: the split's images among them (default all), gathered batch by
+    batch, so a split is never copied whole on the host; mean/std (3,) on the 0..1 scale.
     `epoch(e)` yields (x (B, 3, H, W) dtype, y (B,) int64) for epoch e: shuffled by a
     permutation seeded with (seed, e) when shuffle, augmented (random crop with `crop_padding`,
     horizontal flip) when augment, batch i's draws from the stream keyed (seed, 'augment', e, i).
@@ -97,35 +99,50 @@ class Loader:
     `epoch(e, size=S)` resizes each batch to S×S after augmenting it at the images' own size
     (so the crop's padding shrinks with the image); `epoch(e, start=i)` begins at batch i, the
     same batches as the whole epoch's from there on.
+    shard=(rank, size): data parallelism (docs/distributed.md). batch_size is the global batch;
+    this rank yields its slice of b = batch_size / size images of every batch, and the crops
+    and flips drawn for the whole batch at those images (BackendRNG.share). Needs drop_last
+    (every batch full) and a batch_size that divides by size.
     """
 
     def __init__(self, images, labels, batch_size, mean, std, shuffle=False, augment=False,
-                 crop_padding=4, drop_last=False, seed=0, dtype=np.float32):
+                 crop_padding=4, drop_last=False, seed=0, dtype=np.float32, indices=None, shard=(0, 1)):
         if images.ndim != 4 or images.dtype != np.uint8:
             raise ValueError(f"Loader: images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
         if labels.shape != (images.shape[0],):
             raise ValueError(f"Loader: {images.shape[0]} images but labels of shape {labels.shape}")
         if batch_size < 1:
             raise ValueError(f"Loader: batch_size must be >= 1, got {batch_size}")
-        self.images = backend.to_device(images)
-        self.labels = backend.to_device(labels.astype(np.int64))
+        rank, size = shard
+        if size > 1 and (batch_size % size or not drop_last):
+            raise ValueError(f"Loader: a batch of {batch_size} cannot be split into {size} equal full slices")
+        index = np.arange(len(labels)) if indices is None else np.asarray(indices, dtype=np.int64)
+        if backend.get_backend() != "numpy":
+            # on a GPU the split's images go to the device once, as one array (where it fits)
+            images, labels, index = images[index], labels[index], np.arange(len(index))
+        self.images = backend.to_device(images)        # on NumPy: no copy (a memory map stays one)
+        self.labels = backend.to_device(np.asarray(labels, dtype=np.int64))
+        self.index = index                             # (n,) host: the split's rows of images
         self.mean = backend.to_device(np.asarray(mean), dtype=dtype)
         self.std = backend.to_device(np.asarray(std), dtype=dtype)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.crop_padding, self.drop_last, self.seed, self.dtype = crop_padding, drop_last, seed, dtype
+        self.rank, self.size = rank, size
 
     def __len__(self):
-        n, b = len(self.labels), self.batch_size
+        n, b = len(self.index), self.batch_size
         return n // b if self.drop_last else -(-n // b)
 
     def epoch(self, e, size=None, start=0):
         """The batches of epoch e, from batch `start` on (a run resumed inside the epoch)."""
-        n = len(self.labels)
+        n, B = len(self.index), self.batch_size
+        b = B // self.size                              # this rank's slice of every batch
         order = np.random.default_rng([self.seed, e]).permutation(n) if self.shuffle else np.arange(n)
-        rng = backend.BackendRNG(self.seed, "augment")
+        rng = backend.BackendRNG(self.seed, "augment").share(self.rank, self.size)
         for i in range(start, len(self)):
             rng.at(e, i)                            # the crops and flips of batch i depend on (seed, e, i)
-            idx = backend.to_device(order[i * self.batch_size:(i + 1) * self.batch_size])
+            rows = order[i * B:(i + 1) * B][self.rank * b:(self.rank + 1) * b]
+            idx = backend.to_device(self.index[rows])
             x = normalize(self.images[idx], self.mean, self.std, self.dtype)
             if self.augment:
                 x = random_hflip(random_crop(x, self.crop_padding, rng), rng)
