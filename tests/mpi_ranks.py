@@ -4,18 +4,18 @@ and the test checks the files together.
 
 CASE numpy:        MPIWorld's ranks, allreduce (sum, mean, int), broadcast, barrier, the refusal
                    of a device array, and FlatGrads' one all-reduce against per-parameter ones.
-CASE gpu-refusal:  the emulated CuPy (1 GPU) under 2 ranks on one machine: NCCLWorld refuses.
-CASE nccl-standin: NCCLWorld against a stand-in for cupy.cuda.nccl whose names and signatures
-                   are CuPy 14.2's (cupy_backends/cuda/libs/nccl.pyx and .pxd); the stand-in
-                   does the reduction through MPI on the emulated arrays' host memory. It checks
-                   the order of NCCLWorld's set-up and its calls, not NCCL itself.
+CASE gpu-refusal:  the emulated CuPy with 1 GPU (MINICVT_EMULATED_DEVICES=1) under 2 ranks on
+                   one machine: NCCLWorld refuses.
+CASE nccl:         the emulated CuPy with 2 GPUs: NCCLWorld over the emulation's cupy.cuda.nccl
+                   (CuPy 14.2's names and signatures; the collectives run through MPI on the
+                   emulated arrays' host memory): each rank on its own device, the collectives'
+                   results, a training step with no host round trip and one all-reduce, and what
+                   NCCL refuses. It checks NCCLWorld's set-up and calls, not NCCL itself.
 """
-import ctypes
 import hashlib
 import json
 import sys
 import time
-import types
 
 import numpy as np
 
@@ -65,56 +65,8 @@ def numpy_case():
     return out
 
 
-def install_nccl_standin(events):
-    """A stand-in for cupy.cuda.nccl in the emulated CuPy, with CuPy 14.2's names and signatures;
-    `events` records the calls. Returns the emulated cupy."""
-    import cupy                                        # the emulated one
-    from mpi4py import MPI
-
-    class Device:                                      # records which GPU is made current
-        def __init__(self, device=None):
-            self.id = device
-
-        def use(self):
-            events.append(f"use {self.id}")
-
-    nccl = types.ModuleType("cupy.cuda.nccl")
-    nccl.available = True
-    # cupy_backends/cuda/libs/nccl.pxd (v14.2.0)
-    nccl.NCCL_SUM, nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64 = 0, 7, 8
-    nccl.NCCL_FLOAT16, nccl.NCCL_INT32, nccl.NCCL_INT64, nccl.NCCL_UINT8 = 6, 2, 4, 1
-    ctype = {7: ctypes.c_float, 8: ctypes.c_double}
-
-    def get_unique_id():                               # CuPy 14: bytes of NCCL_UNIQUE_ID_BYTES
-        events.append("get_unique_id")
-        return bytes(range(128))
-
-    def host(ptr, count, datatype):                    # the emulated array's host memory
-        return np.ctypeslib.as_array((ctype[datatype] * count).from_address(ptr))
-
-    class NcclCommunicator:                            # nccl.pyx: (int ndev, bytes commId, int rank)
-        def __init__(self, ndev, commId, rank):
-            assert isinstance(commId, bytes) and len(commId) == 128, commId
-            events.append(f"communicator ndev={ndev} rank={rank} id={hashlib.sha256(commId).hexdigest()[:8]}")
-
-        def allReduce(self, sendbuf, recvbuf, count, datatype, op, stream):
-            assert sendbuf == recvbuf and op == nccl.NCCL_SUM and isinstance(stream, int)
-            events.append(f"allReduce count={count} type={datatype}")
-            MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, host(recvbuf, count, datatype), op=MPI.SUM)
-
-        def bcast(self, buff, count, datatype, root, stream):
-            assert isinstance(stream, int)
-            events.append(f"bcast count={count} root={root}")
-            MPI.COMM_WORLD.Bcast(host(buff, count, datatype), root=root)
-
-    nccl.get_unique_id, nccl.NcclCommunicator = get_unique_id, NcclCommunicator
-    cupy.cuda.nccl, cupy.cuda.Device = nccl, Device
-    sys.modules["cupy.cuda.nccl"] = nccl
-    return cupy
-
-
 def gpu_refusal_case():
-    install_nccl_standin([])                           # the emulation has one GPU
+    """MINICVT_EMULATED_DEVICES=1: two ranks on one machine need two GPUs."""
     try:
         distributed.init("cupy")
         return {"refusal": None}
@@ -122,25 +74,78 @@ def gpu_refusal_case():
         return {"refusal": str(e)}
 
 
-def nccl_standin_case():
-    events = []
-    cupy = install_nccl_standin(events)
-    cupy.cuda.runtime.getDeviceCount = lambda: 2
-    world = distributed.init("cupy")
-    r = world.rank
-    out = {"world": type(world).__name__, "rank": r}
-    a = cupy.asarray(np.arange(3, dtype=np.float32) * (r + 1))
-    out["mean"] = world.allreduce(a, op="mean").get().tolist()
-    out["broadcast"] = world.broadcast(cupy.asarray(np.full(2, float(r))), root=1).get().tolist()
-    out["host_sum"] = world.allreduce(np.array([r + 1.0])).tolist()   # NumPy still goes through MPI
+def nccl_case():
+    """MINICVT_EMULATED_DEVICES=2: NCCLWorld on the emulated cupy.cuda.nccl."""
+    import cupy                                        # the emulated one
+    from cupy import _emulator as ledger
+    from cupy.cuda import nccl
+    from cvt_tiny import tiny_config
+    from minicvt import backend, nn
+    from minicvt.models import build_model
+    from minicvt.optim import AdamW, clip_grad_norm
+
+    backend.set_backend("cupy")
+    world = distributed.init()
+    r, comm = world.rank, world.nccl_comm
+    out = {"world": type(world).__name__, "rank": r, "local_rank": world.local_rank,
+           "device": cupy.cuda.runtime.getDevice(), "nccl": [comm.device_id(), comm.rank_id(), comm.size()]}
+    out["sum"] = world.allreduce(cupy.arange(4.0) * (r + 1)).get().tolist()
+    out["mean"] = world.allreduce(cupy.asarray(np.arange(3, dtype=np.float32) * (r + 1)), op="mean").get().tolist()
+    out["int_sum"] = world.allreduce(cupy.asarray(np.array([r + 1, 10], dtype=np.int64))).get().tolist()
+    out["broadcast"] = world.broadcast(cupy.full(2, float(r)), root=1).get().tolist()
+    out["host_sum"] = world.allreduce(np.array([r + 1.0])).tolist()     # NumPy still goes through MPI
     world.barrier()
-    out["events"] = events
+
+    # one data-parallel step, a different batch per rank: no host round trip, one collective
+    model = build_model(tiny_config(), seed=0, dtype=np.float32)
+    flat = distributed.flatten_grads(model.parameters())
+    opt = AdamW(model.named_parameters(), lr=1e-2)
+    rng = np.random.default_rng(r)
+    x = backend.to_device(rng.standard_normal((4, 3, 16, 16)), dtype=np.float32)
+    labels = backend.to_device(rng.integers(0, 3, size=4))
+    loss_fn = nn.CrossEntropyLoss(check_labels=False)
+    with ledger.counting() as transfers, ledger.collectives() as collectives, ledger.no_sync():
+        model.zero_grad()
+        loss_fn.forward(model.forward(x), labels)
+        model.backward(loss_fn.backward())
+        own = [p.grad.copy() for p in model.parameters()]
+        flat.allreduce(world, op="mean")
+        reduced = [p.grad.copy() for p in model.parameters()]
+        clip_grad_norm(model.parameters(), 1.0)
+        opt.step()
+    out["transfers"] = len(transfers)
+    out["collectives"] = [[site, kind, n] for (site, kind), n in collectives.items()]
+    by_mpi = [world.allreduce(g.get(), op="mean") for g in own]         # the host's mean, through MPI
+    out["grads_equal_mpi_mean"] = all(np.array_equal(a.get(), b) for a, b in zip(reduced, by_mpi))
+    out["weights_digest"] = hashlib.sha256(b"".join(p.data.get().tobytes() for p in model.parameters())).hexdigest()
+
+    # the emulation's other collectives, called as CuPy's: rank 0 sends 0 1 2 3, rank 1 10 11 12 13
+    f64, stream = nccl.NCCL_FLOAT64, cupy.cuda.get_current_stream().ptr
+    mine = cupy.arange(4.0) + 10 * r
+    calls = {"reduce": (4, lambda p: comm.reduce(mine.data.ptr, p, 4, f64, nccl.NCCL_SUM, 1, stream)),
+             "nccl_broadcast": (4, lambda p: comm.broadcast(mine.data.ptr, p, 4, f64, 1, stream)),
+             "reduce_scatter": (2, lambda p: comm.reduceScatter(mine.data.ptr, p, 2, f64, nccl.NCCL_MAX, stream)),
+             "all_gather": (8, lambda p: comm.allGather(mine.data.ptr, p, 4, f64, stream))}
+    for name, (n, call) in calls.items():
+        recv = cupy.zeros(n)
+        call(recv.data.ptr)
+        out[name] = recv.get().tolist()
+
+    # what real NCCL refuses (or waits forever on), each on both ranks
+    uid = world.comm.bcast(nccl.get_unique_id() if r == 0 else None, root=0)
+    for name, device, commId in (("same_device", 0, uid), ("own_ids", r, nccl.get_unique_id())):
+        cupy.cuda.Device(device).use()
+        try:
+            nccl.NcclCommunicator(2, commId, r)
+            out[name] = None
+        except nccl.NcclError as e:
+            out[name] = str(e)
     return out
 
 
 if __name__ == "__main__":
     from mpi4py import MPI
-    case = {"numpy": numpy_case, "gpu-refusal": gpu_refusal_case, "nccl-standin": nccl_standin_case}
+    case = {"numpy": numpy_case, "gpu-refusal": gpu_refusal_case, "nccl": nccl_case}
     result = case[sys.argv[1]]()
     with open(f"{sys.argv[2]}/{MPI.COMM_WORLD.Get_rank()}.json", "w") as f:
         json.dump(result, f)

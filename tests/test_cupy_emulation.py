@@ -139,6 +139,88 @@ def test_einsum_model_counts_cupys_temporaries(emulated_cupy):
         assert st["allocated"] - r.nbytes == temporaries, spec
 
 
+def test_the_emulation_shows_a_set_number_of_gpus(emulated_cupy, monkeypatch):
+    """MINICVT_EMULATED_DEVICES (default 1) GPUs; using one past them fails as in CUDA."""
+    cp = backend.xp()
+    monkeypatch.delenv("MINICVT_EMULATED_DEVICES", raising=False)
+    assert cp.cuda.runtime.getDeviceCount() == 1
+    with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="invalid device ordinal"):
+        cp.cuda.Device(1).use()
+    monkeypatch.setenv("MINICVT_EMULATED_DEVICES", "2")
+    try:
+        assert cp.cuda.runtime.getDeviceCount() == 2
+        cp.cuda.Device(1).use()
+        assert cp.cuda.runtime.getDevice() == cp.cuda.Device().id == dev([1.0]).device.id == 1
+        with cp.cuda.Device(0):
+            assert cp.cuda.runtime.getDevice() == 0
+        assert cp.cuda.runtime.getDevice() == 1
+        with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="invalid device ordinal"):
+            cp.cuda.Device(2).use()
+    finally:
+        cp.cuda.Device(0).use()                             # the current device is per thread
+    monkeypatch.setenv("MINICVT_EMULATED_DEVICES", "0")
+    with pytest.raises(cp.cuda.runtime.CUDARuntimeError, match="no CUDA-capable device"):
+        cp.cuda.runtime.getDeviceCount()
+
+
+def test_nccl_has_cupys_names_and_signatures(emulated_cupy):
+    from cupy.cuda import nccl
+    m = json.loads((cupy_emulation.DIR / "manifest.json").read_text())
+    assert sorted(dir(nccl)) == sorted(m["namespaces"]["cupy.cuda.nccl"]) and "NcclCommunicator" in dir(nccl)
+    assert (nccl.NCCL_SUM, nccl.NCCL_AVG, nccl.NCCL_INT64, nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64) == (0, 4, 4, 7, 8)
+    uid = nccl.get_unique_id()
+    assert isinstance(uid, bytes) and len(uid) == 128 and nccl.get_unique_id() != uid
+    with pytest.raises(AttributeError, match="no attribute 'ncclAllReduce'"):
+        nccl.ncclAllReduce
+    with pytest.raises(TypeError, match="expected bytes, got tuple"):       # CuPy 13's id form
+        nccl.NcclCommunicator(1, tuple(uid), 0)
+    with pytest.raises(ValueError, match="commId length 64 != 128"):
+        nccl.NcclCommunicator(1, uid[:64], 0)
+
+
+def test_nccl_in_a_world_of_one_rank(emulated_cupy, monkeypatch):
+    """Without mpi4py the emulated NCCL is a world of one rank. Buffers are device addresses
+    (the memory behind emulated arrays, offsets included); collectives are counted apart from
+    transfers and allowed inside no_sync(); what NCCL refuses, the emulation refuses."""
+    monkeypatch.setitem(__import__("sys").modules, "mpi4py", None)
+    cp = backend.xp()
+    from cupy.cuda import nccl
+    comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
+    assert (comm.device_id(), comm.rank_id(), comm.size()) == (0, 0, 1)
+    f32, stream = nccl.NCCL_FLOAT32, cp.cuda.get_current_stream().ptr
+    a = dev(np.arange(1.0, 4.0), dtype=np.float32)
+    out = cp.zeros(6, dtype=cp.float32)
+    with emulated_cupy.no_sync(), emulated_cupy.collectives() as made:
+        comm.allReduce(a.data.ptr, out[3:].data.ptr, 3, f32, nccl.NCCL_SUM, stream)   # into out's end
+        comm.allReduce(a.data.ptr, a.data.ptr, 3, f32, nccl.NCCL_AVG, stream)
+        comm.bcast(out.data.ptr, 6, f32, 0, stream)
+        comm.allGather(a.data.ptr, out.data.ptr, 3, f32, stream)
+    assert backend.to_numpy(out).tolist() == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
+    by_kind = {kind: sum(n for (_, k), n in made.items() if k == kind) for _, kind in made}
+    assert by_kind == {"allReduce": 2, "bcast": 1, "allGather": 1}
+    assert all("test_cupy_emulation.py" in site for site, _ in made)
+
+    host = np.zeros(3, np.float32)
+    refused = [
+        (nccl.NcclError, "not in the memory of a live emulated device array",
+         lambda: comm.allReduce(host.ctypes.data, host.ctypes.data, 3, f32, nccl.NCCL_SUM, stream)),
+        (nccl.NcclError, "not in the memory", lambda: comm.bcast(a.data.ptr, 4, f32, 0, stream)),  # past the end
+        (TypeError, "sendbuf must be an integer", lambda: comm.allReduce(a.data, a.data.ptr, 3, f32, 0, stream)),
+        (TypeError, "stream must be an integer", lambda: comm.bcast(a.data.ptr, 3, f32, 0, cp.cuda.get_current_stream())),
+        (TypeError, "missing a required argument: 'stream'", lambda: comm.bcast(a.data.ptr, 3, f32, 0)),
+        (nccl.NcclError, "root 1 in a communicator of 1", lambda: comm.bcast(a.data.ptr, 3, f32, 1, stream)),
+        (nccl.NcclError, "MPI's COMM_WORLD", lambda: nccl.NcclCommunicator(2, nccl.get_unique_id(), 0)),
+    ]
+    with emulated_cupy.collectives() as made:
+        for error, match, call in refused:
+            with pytest.raises(error, match=match):
+                call()
+    assert not made                                        # a refused call is not a collective
+    comm.destroy()
+    with pytest.raises(nccl.NcclError, match="destroyed"):
+        comm.allReduce(a.data.ptr, a.data.ptr, 3, f32, nccl.NCCL_SUM, stream)
+
+
 # -- the GPU path's findings, each failing on the code before its fix ----------------------------
 
 @pytest.mark.parametrize("channels_last", [True, False])

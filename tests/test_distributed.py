@@ -86,8 +86,11 @@ def test_launched_without_mpi4py_refuses_in_one_line(no_launcher, monkeypatch):
     assert isinstance(e.value, RuntimeError)
 
 
-def test_cupy_without_nccl_refuses_in_one_line(emulated_cupy):
-    with pytest.raises(backend.BackendError) as e:            # the emulation has no cupy.cuda.nccl
+def test_cupy_without_nccl_refuses_in_one_line(emulated_cupy, monkeypatch):
+    cupy, nccl = backend.import_nccl()                        # the emulation's cupy.cuda.nccl
+    assert nccl.available and nccl.NCCL_FLOAT32 == 7
+    monkeypatch.setattr(nccl, "available", False)             # as CuPy sets it where NCCL cannot load
+    with pytest.raises(backend.BackendError) as e:
         backend.import_nccl()
     assert "\n" not in str(e.value) and "pip install nvidia-nccl-cu12" in str(e.value)
 
@@ -210,15 +213,15 @@ def _mpiexec():
     pytest.skip("no mpiexec beside this Python (the mpich wheel puts one there)")
 
 
-def _run_ranks(case, tmp_path, n=2):
-    """Each rank's JSON (tests/mpi_ranks.py), in rank order."""
-    env = cupy_emulation.subprocess_env()                   # `import cupy` gives the emulation
+def _run_ranks(case, tmp_path, n=2, devices=1):
+    """Each rank's JSON (tests/mpi_ranks.py), in rank order; the emulated CuPy shows `devices` GPUs."""
+    env = cupy_emulation.subprocess_env(MINICVT_EMULATED_DEVICES=str(devices))   # `import cupy`: the emulation
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env["PYTHONPATH"]])
     env.pop("MINICVT_BACKEND", None)
     for var in LAUNCHER_VARS:
         env.pop(var, None)
     out = subprocess.run([_mpiexec(), "-n", str(n), sys.executable, str(TESTS / "mpi_ranks.py"), case, str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=180, cwd=ROOT)
+                         env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     return [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(n)]
 
@@ -244,18 +247,25 @@ def test_two_ranks_need_two_gpus(tmp_path):
                                   "ranks per machine (each rank needs its own GPU)")
 
 
-def test_nccl_world_against_a_stand_in_for_cupys_nccl(tmp_path):
-    ranks = _run_ranks("nccl-standin", tmp_path)
-    ids = set()
+def test_nccl_world_on_the_emulated_nccl(tmp_path):
+    """Two ranks, two (emulated) GPUs: NCCLWorld over cupy.cuda.nccl as CuPy 14.2 has it, its
+    collectives run by the emulation through MPI on the arrays' host memory."""
+    ranks = _run_ranks("nccl", tmp_path, devices=2)
     for r, out in enumerate(ranks):
-        assert out["world"] == "NCCLWorld"
-        assert out["mean"] == [0.0, 1.5, 3.0] and out["broadcast"] == [1.0, 1.0] and out["host_sum"] == [3.0]
-        events = out["events"]
-        # the GPU is chosen before the communicator is made; only rank 0 makes the id
-        assert events[0] == f"use {r}"
-        assert ("get_unique_id" in events) == (r == 0)
-        comm = [e for e in events if e.startswith("communicator")]
-        assert len(comm) == 1 and comm[0].startswith(f"communicator ndev=2 rank={r} ")
-        ids.add(comm[0].split("id=")[1])
-        assert events[-2:] == ["allReduce count=3 type=7", "bcast count=2 root=1"]
-    assert len(ids) == 1                                                # every rank got rank 0's id
+        assert out["world"] == "NCCLWorld" and out["rank"] == r
+        assert out["device"] == out["local_rank"] == r                   # each rank on its own GPU
+        assert out["nccl"] == [r, r, 2]                                  # device_id, rank_id, size
+        assert out["sum"] == [0.0, 3.0, 6.0, 9.0] and out["mean"] == [0.0, 1.5, 3.0]
+        assert out["int_sum"] == [3, 20] and out["broadcast"] == [1.0, 1.0] and out["host_sum"] == [3.0]
+        # the step: no device-to-host transfer, one all-reduce (one float32 buffer), at FlatGrads'
+        assert out["transfers"] == 0 and len(out["collectives"]) == 1
+        site, kind, n = out["collectives"][0]
+        assert (kind, n) == ("allReduce", 1) and site.startswith("minicvt/distributed.py:"), site
+        assert out["grads_equal_mpi_mean"] is True                       # NCCL's mean is MPI's mean
+        assert out["reduce"] == ([0.0] * 4 if r == 0 else [10.0, 12.0, 14.0, 16.0])   # root 1 only
+        assert out["nccl_broadcast"] == [10.0, 11.0, 12.0, 13.0]
+        assert out["reduce_scatter"] == [[10.0, 11.0], [12.0, 13.0]][r]              # max, then split
+        assert out["all_gather"] == [0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 12.0, 13.0]
+        assert "Duplicate GPU detected: rank 0 and rank 1 both on CUDA device 0" in out["same_device"]
+        assert "different unique ids" in out["own_ids"]
+    assert ranks[0]["weights_digest"] == ranks[1]["weights_digest"]     # the same step on both

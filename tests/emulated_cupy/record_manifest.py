@@ -6,7 +6,10 @@ Run it where the real CuPy is installed (`pip install cupy-cuda13x==14.2.0`); `i
 on a machine without a GPU, only allocating fails, so no GPU is needed. CUPY_CHECKOUT is CuPy's
 source at the installed version's tag (`git clone https://github.com/cupy/cupy -b v14.2.0`):
 the methods of `cupy.ndarray` are compiled by Cython without introspectable signatures, so
-theirs are read from `cupy/_core/core.pyx`. Everything else comes from the installed package.
+theirs are read from `cupy/_core/core.pyx`; so are the functions and `NcclCommunicator` of
+`cupy.cuda.nccl`, from `cupy_backends/cuda/libs/nccl.pyx`. Everything else comes from the
+installed package. `cupy.cuda.nccl` has its names only where CuPy can load NCCL
+(`pip install nvidia-nccl-cu13`; no GPU needed for that either).
 """
 import argparse
 import inspect
@@ -14,14 +17,24 @@ import json
 import pathlib
 import platform
 import re
+import sys
 import types
 
+# the script's own folder holds the emulated cupy: `import cupy` must find the real one
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != pathlib.Path(__file__).resolve().parent]
+
 NAMESPACES = ["cupy", "cupy.random", "cupy.linalg", "cupy.fft", "cupy.lib.stride_tricks",
-              "cupy.cuda", "cupy.cuda.runtime", "cupy.testing", "cupyx", "cupyx.scipy.special"]
+              "cupy.cuda", "cupy.cuda.runtime", "cupy.cuda.nccl", "cupy.testing", "cupyx",
+              "cupyx.scipy.special"]
 CLASSES = {"cupy.ndarray": "cupy.ndarray", "cupy.random.Generator": "cupy.random.Generator",
            "cupy.ufunc": "cupy.ufunc", "cupy.cuda.Stream": "cupy.cuda.Stream",
            "cupy.cuda.Event": "cupy.cuda.Event", "cupy.cuda.MemoryPool": "cupy.cuda.MemoryPool",
-           "cupy.cuda.Device": "cupy.cuda.Device"}
+           "cupy.cuda.Device": "cupy.cuda.Device",
+           "cupy.cuda.nccl.NcclCommunicator": "cupy.cuda.nccl.NcclCommunicator"}
+# where Cython hides a signature, the source file that has it
+PYX = {"cupy.ndarray": ("cupy/_core/core.pyx", "_ndarray_base"),
+       "cupy.cuda.nccl": ("cupy_backends/cuda/libs/nccl.pyx", None),
+       "cupy.cuda.nccl.NcclCommunicator": ("cupy_backends/cuda/libs/nccl.pyx", "NcclCommunicator")}
 
 
 def params_of(obj):
@@ -54,21 +67,46 @@ def entry(obj):
     return {"kind": "other", "type": type(obj).__name__}
 
 
-def namespace(name):
+def namespace(name, pyx=None):
+    """{name: entry} of a module's public names; hidden function signatures from `pyx`
+    ({function: params}) and a class's from its `__init__` there, less `self`."""
     import importlib
     module = importlib.import_module(name)
-    return {a: entry(getattr(module, a)) for a in sorted(dir(module))
-            if not a.startswith("_") and hasattr(module, a)}
+    if name == "cupy.cuda.nccl" and not module.available:
+        raise SystemExit("CuPy cannot load NCCL here, so cupy.cuda.nccl has no names: "
+                         "pip install nvidia-nccl-cu13")
+    out = {a: entry(getattr(module, a)) for a in sorted(dir(module))
+           if not a.startswith("_") and hasattr(module, a)}
+    for a, e in out.items():
+        if pyx and e["kind"] in ("function", "class") and e["signature"] is None:
+            if e["kind"] == "function" and a in pyx:
+                e["signature"] = pyx[a]
+            elif e["kind"] == "class" and f"{a}.__init__" in pyx:
+                e["signature"] = pyx[f"{a}.__init__"][1:]
+    return out
 
 
-def pyx_signatures(source, cls="_ndarray_base"):
-    """{method: params} for the `def`/`cpdef` methods of class `cls` in cupy/_core/core.pyx."""
-    text = (pathlib.Path(source) / "cupy" / "_core" / "core.pyx").read_text()
-    start = re.search(rf"^cdef class {cls}\b.*$", text, re.M).end()
+def pyx_signatures(source, path, cls=None):
+    """{name: params} for the `def`/`cpdef` methods of class `cls` in the .pyx file `path` of
+    CuPy's source, or for its module-level functions (and every class's `Class.__init__`)
+    when cls is None."""
+    text = (pathlib.Path(source) / path).read_text()
+    if cls is None:
+        out = _defs(text, "")
+        for m in re.finditer(r"^(?:cdef )?class (\w+)\b.*$", text, re.M):
+            for method, params in pyx_signatures(source, path, m.group(1)).items():
+                if method == "__init__":
+                    out[f"{m.group(1)}.__init__"] = params
+        return out
+    start = re.search(rf"^(?:cdef )?class {cls}\b.*$", text, re.M).end()
     end = re.search(r"^\S", text[start:], re.M)
-    body = text[start:start + end.start()] if end else text[start:]
+    return _defs(text[start:start + end.start()] if end else text[start:], "    ")
+
+
+def _defs(body, indent):
+    """{name: params} of the `def`/`cpdef` functions at this indent of a Cython source."""
     out = {}
-    for m in re.finditer(r"^    (?:cpdef|def)\s+(?:[\w\.]+\s+)?(\w+)\(", body, re.M):
+    for m in re.finditer(rf"^{indent}(?:cpdef|def)\s+(?:[\w\.]+\s+)?(\w+)\(", body, re.M):
         depth, i = 1, m.end()
         while depth:
             depth += {"(": 1, ")": -1}.get(body[i], 0)
@@ -92,7 +130,7 @@ def pyx_signatures(source, cls="_ndarray_base"):
     return out
 
 
-def class_members(path, pyx):
+def class_members(path, pyx=None):
     import importlib
     module, _, name = path.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
@@ -116,12 +154,12 @@ def main():
     args = ap.parse_args()
     import cupy
     import numpy
-    pyx = pyx_signatures(args.source)
+    pyx = {n: pyx_signatures(args.source, *where) for n, where in PYX.items()}
     manifest = {
         "cupy": cupy.__version__,
         "recorded_with": {"numpy": numpy.__version__, "python": platform.python_version()},
-        "namespaces": {n: namespace(n) for n in NAMESPACES},
-        "classes": {p: class_members(p, pyx if p == "cupy.ndarray" else None) for p in CLASSES},
+        "namespaces": {n: namespace(n, pyx.get(n)) for n in NAMESPACES},
+        "classes": {p: class_members(p, pyx.get(p)) for p in CLASSES},
     }
     pathlib.Path(args.out).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     total = sum(len(v) for v in manifest["namespaces"].values())

@@ -11,9 +11,13 @@ and behaves as CuPy's does where NumPy code usually breaks on a GPU:
 - every device-to-host transfer (`.get()`, `float()`/`int()`/`bool()`, `.item()`, `.tolist()`,
   printing, and the CuPy functions that read results back inside) is counted by call site, and
   inside `no_sync()` each one is an error naming the line.
+The emulation shows MINICVT_EMULATED_DEVICES GPUs (default 1): `runtime.getDeviceCount()`, and
+`Device(i).use()` refused for i at or past it. NCCL's collectives (cupy/_nccl.py) run over MPI
+and are counted in a ledger of their own (`collectives()`): they move data device to device.
 """
 import collections
 import contextlib
+import ctypes
 import inspect
 import json
 import os
@@ -23,6 +27,8 @@ import threading
 import weakref
 
 import numpy
+
+from ._devices import Device as _Device, get_device
 
 CUPY_VERSION = "14.2.0"
 _HERE = str(pathlib.Path(__file__).resolve().parent.parent)        # tests/emulated_cupy
@@ -83,14 +89,33 @@ def no_sync():
 
 
 @contextlib.contextmanager
-def counting():
-    """Yields a Counter {(call site, kind): n} of the transfers made inside the block."""
-    before = collections.Counter(_transfers)
+def _counting(ledger):
+    before = collections.Counter(ledger)
     made = collections.Counter()
     try:
         yield made
     finally:
-        made.update({k: v - before.get(k, 0) for k, v in _transfers.items() if v > before.get(k, 0)})
+        made.update({k: v - before.get(k, 0) for k, v in ledger.items() if v > before.get(k, 0)})
+
+
+def counting():
+    """Yields a Counter {(call site, kind): n} of the transfers made inside the block."""
+    return _counting(_transfers)
+
+
+_collectives = collections.Counter()        # (call site, NCCL call) -> count, all threads
+
+
+def collective(kind):
+    """Record one NCCL collective at the caller's line. Not a transfer: NCCL moves device memory
+    to device memory, queued on a stream, so no_sync() allows it; it is counted apart so that
+    a test sees a step's collectives beside its (absent) host round trips."""
+    _collectives[(call_site(), kind)] += 1
+
+
+def collectives():
+    """Yields a Counter {(call site, NCCL call): n} of the collectives made inside the block."""
+    return _counting(_collectives)
 
 
 class _Memory:
@@ -100,6 +125,7 @@ class _Memory:
     def __init__(self):
         self.live = self.peak = self.allocated = 0
         self._owners = set()
+        self._roots = weakref.WeakValueDictionary()      # id -> the NumPy array that owns the memory
         self._lock = threading.Lock()
 
     def track(self, a):
@@ -113,18 +139,37 @@ class _Memory:
             if key in self._owners:
                 return
             self._owners.add(key)
+            self._roots[key] = root
             self.live += root.nbytes
             self.allocated += root.nbytes
             self.peak = max(self.peak, self.live)
         weakref.finalize(root, self._free, key, root.nbytes)
         for hook in list(memory_hooks):      # cupy.cuda.MemoryHook's callback after a malloc
-            hook.malloc_postprocess(device_id=0, size=root.nbytes, mem_size=root.nbytes,
+            hook.malloc_postprocess(device_id=get_device(), size=root.nbytes, mem_size=root.nbytes,
                                     mem_ptr=root.ctypes.data, pmem_id=0)
 
     def _free(self, key, nbytes):
         with self._lock:
             self._owners.discard(key)
             self.live -= nbytes
+
+    def at(self, ptr, count, dtype):
+        """`count` elements of `dtype` at device address `ptr` (an emulated array's `.data.ptr`,
+        perhaps offset) as a writable 1-D NumPy array over the same memory: what a raw pointer
+        handed to a CUDA library (NCCL) reaches. Raises ValueError unless the whole range lies
+        in the memory of one live emulated array (a host array's address is not device memory)."""
+        dtype = numpy.dtype(dtype)
+        nbytes = count * dtype.itemsize
+        with self._lock:
+            roots = list(self._roots.values())
+        for root in roots:
+            start = root.ctypes.data
+            if start <= ptr and ptr + nbytes <= start + root.nbytes:
+                if not nbytes:
+                    return numpy.empty(0, dtype)
+                return numpy.frombuffer((ctypes.c_byte * nbytes).from_address(ptr), dtype)
+        raise ValueError(f"address {ptr:#x} ({nbytes} bytes) is not in the memory of a live "
+                         "emulated device array")
 
     def transient(self, nbytes):
         """A temporary allocated and freed inside one call."""
@@ -292,33 +337,7 @@ def _uf(name):
 
 class _MemoryPointer:
     def __init__(self, a):
-        self.ptr, self.device = a.ctypes.data, _DEVICE
-
-
-class _Device:
-    id = 0
-    compute_capability = "90"
-
-    def __init__(self, device=None):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def use(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def __repr__(self):
-        return "<CUDA Device 0 (emulated)>"
-
-
-_DEVICE = _Device()
+        self.ptr, self.device = a.ctypes.data, _Device()
 
 
 def _binary(name, reflected=False):
@@ -378,7 +397,7 @@ class ndarray:
     base = property(lambda self: None if self._a.base is None else ndarray._of(self._a.base)
                     if isinstance(self._a.base, numpy.ndarray) else None)
     data = property(lambda self: _MemoryPointer(self._a))
-    device = property(lambda self: _DEVICE)
+    device = property(lambda self: _Device())
 
     # what NumPy code does with an array, refused or counted as CuPy would
     def __array__(self, dtype=None, copy=None):

@@ -4,7 +4,8 @@ Each function runs NumPy's (or SciPy's) function of the same name under CuPy's r
 signature, with device arrays in and out; the overrides below are the places where CuPy
 behaves differently: it reads a result back to the host inside (`bincount`, `nonzero`,
 `sliding_window_view`, ...), wraps out-of-range indices (`take`), takes no `out=` (`einsum`),
-or is a GPU object with no NumPy counterpart (`cuda`, memory pools, `random.Generator`).
+or is a GPU object with no NumPy counterpart (`cuda`, memory pools, `random.Generator`,
+`cuda.nccl`: cupy/_nccl.py).
 A name CuPy has that is not emulated raises NotImplementedError when it is used.
 """
 import importlib
@@ -14,8 +15,9 @@ import types
 
 import numpy
 
-from . import _einsum_model
+from . import _devices, _einsum_model
 from . import _emulator as E
+from . import _nccl
 
 NAMESPACES = E.MANIFEST["namespaces"]
 CLASSES = E.MANIFEST["classes"]
@@ -226,7 +228,7 @@ class Stream:
     def __init__(self, null=False, non_blocking=False, ptds=False):
         # instance attributes in CuPy (cupy/cuda/stream.pyx, _BaseStream), so not in the manifest;
         # the raw handle is 0 for the null stream (what NCCL calls take as `stream`)
-        self.ptr, self.device_id = (0 if null else id(self)), 0
+        self.ptr, self.device_id = (0 if null else id(self)), _devices.get_device()
 
     def synchronize(self):
         pass
@@ -283,8 +285,10 @@ OVERRIDES = {
     "cupy.cuda.MemoryPool": MemoryPool, "cupy.cuda.MemoryHook": MemoryHook, "cupy.cuda.PinnedMemoryPool": MemoryPool,
     "cupy.cuda.get_current_stream": lambda device_id=-1: Stream.null,
     "cupy.cuda.get_elapsed_time": get_elapsed_time, "cupy.cuda.is_available": lambda: True,
-    "cupy.cuda.get_device_id": lambda: 0,
-    "cupy.cuda.runtime.getDeviceCount": lambda: 1, "cupy.cuda.runtime.getDevice": lambda: 0,
+    "cupy.cuda.get_device_id": _devices.get_device,
+    "cupy.cuda.runtime.getDeviceCount": _devices.device_count, "cupy.cuda.runtime.getDevice": _devices.get_device,
+    "cupy.cuda.runtime.setDevice": _devices.set_device,
+    "cupy.cuda.runtime.CUDARuntimeError": _devices.CUDARuntimeError,
     "cupy.cuda.runtime.deviceSynchronize": lambda: None,
     "cupy.cuda.runtime.getDeviceProperties": _runtime_properties,
     "cupy.cuda.runtime.runtimeGetVersion": lambda: 13000,
@@ -292,6 +296,7 @@ OVERRIDES = {
     "cupy.cuda.runtime.memGetInfo": lambda: (0, 0),
     "cupy.cuda.runtime.is_hip": False,
     "cupyx.scipy": None,              # a package: built below
+    **_nccl.OVERRIDES,
 }
 
 
