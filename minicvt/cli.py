@@ -72,6 +72,8 @@ def cmd_train(args):
     from .models import get_config
     from .train import TrainConfig, Trainer
 
+    if args.ranks != 1:
+        return _start_ranks(args)
     backend.set_backend(args.backend)
     # one process: a World of one; under mpiexec, this rank of several (docs/distributed.md)
     world = distributed.init(args.backend)
@@ -117,6 +119,31 @@ def cmd_train(args):
     trainer.fit()
     say(_done_line(trainer, args.out))
     return 0
+
+
+def _start_ranks(args):
+    """`minicvt train --ranks N ...` is `mpiexec -n N minicvt train ...`: this process becomes
+    MPI's launcher (exec: a signal to it reaches the launcher, which passes it on to the ranks)."""
+    import shutil
+
+    from .distributed import launched_ranks
+    if args.ranks < 1:
+        raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
+    if launched_ranks() is not None:
+        raise ValueError("--ranks starts the ranks itself: under mpiexec or srun, leave it out")
+    beside = Path(sys.executable).parent / "mpiexec"           # the MPICH wheel's, in this environment
+    mpiexec = str(beside) if beside.exists() else shutil.which("mpiexec")
+    if mpiexec is None:
+        raise ValueError(f"--ranks {args.ranks}: no mpiexec beside {sys.executable} or on PATH; "
+                         f"pip install -e \".[mpi]\" brings one")
+    argv, rest = [], iter(args.argv)
+    for word in rest:                    # the same command, less --ranks N
+        if word == "--ranks":
+            next(rest, None)
+        elif not word.startswith("--ranks="):
+            argv.append(word)
+    sys.stdout.flush()
+    os.execv(mpiexec, [mpiexec, "-n", str(args.ranks), sys.executable, "-m", "minicvt", *argv])
 
 
 def _done_line(trainer, out):
@@ -265,6 +292,9 @@ def build_parser():
                    "an epoch: minutes ('5m', the default), seconds ('90s') or a number of steps ('200'); "
                    "it is also saved after every epoch, and on SIGINT or SIGTERM")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ranks", type=int, default=1, metavar="N", help="train as N processes on this machine: "
+                   "starts `mpiexec -n N minicvt train ...` (the same run, split; pip install -e \".[mpi]\"; "
+                   "docs/distributed.md)")
     p.add_argument("--cache-dir", help=CACHE_HELP)
     p.set_defaults(func=cmd_train)
 
@@ -320,6 +350,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)          # --ranks passes it on
     args.started = time.time()              # what this command wrote is newer than this
     from .checkpoint import CheckpointError
     from .data import DataError

@@ -146,7 +146,7 @@ class Trainer:
         train_idx, val_idx = data.run_split(len(labels), tc.val_size, tc.seed, tc.limit_train)
         self.val_idx = val_idx
         self.data_fingerprint = data.fingerprint(images, labels)     # eval knows its own data by it
-        mean, std = data.channel_stats(images[train_idx])
+        mean, std = data.channel_stats(images, train_idx)     # in chunks: the set is never copied
         self.norm = {"mean": mean.tolist(), "std": std.tolist()}
         # every rank draws the same order and takes its slice of each batch (shard)
         self.train_loader = data.Loader(images, labels, tc.batch_size, mean, std, indices=train_idx,

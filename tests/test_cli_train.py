@@ -454,3 +454,20 @@ def test_python_m_minicvt_eval_error_has_no_traceback(folder, tmp_path):
     assert "Traceback" not in proc.stderr
     assert proc.stderr == (f"minicvt eval: error: checkpoint {bad} is a single .npy array, "
                            f"not a .npz checkpoint\n")
+
+
+def test_ranks_without_an_mpiexec_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))     # nothing beside it
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert cli.main(["train", "--ranks", "2", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no mpiexec" in err and 'pip install -e ".[mpi]"' in err
+
+
+def test_a_batch_that_does_not_divide_among_the_ranks_is_refused():
+    from minicvt.train import check_ranks
+    check_ranks(6, 3)
+    with pytest.raises(ValueError, match=r"--batch-size 7 does not divide among 3 ranks.*such as 6"):
+        check_ranks(7, 3)
+    with pytest.raises(ValueError, match=r"--batch-size 2 is smaller than the 3 ranks"):
+        check_ranks(2, 3)
