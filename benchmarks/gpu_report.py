@@ -5,8 +5,8 @@
 
 For a machine with CuPy, PyTorch with CUDA and the training images (the GPU machine has no
 internet: copy the archive into the repository's git-ignored data/ folder, which travels with
-the working tree). Four stages, each in its own process with its own time limit, each reported
-whatever happened to the others, about 6 minutes in all on one H100/H200:
+the working tree). Five stages, each in its own process with its own time limit, each reported
+whatever happened to the others, about 7 minutes in all on one H100/H200:
 
     tests   the real-CuPy test cases (pytest -k "cupy and not emulat")               90 s
     check   minicvt check --backend cupy (float64 gradient checks on the GPU)          30 s
@@ -14,11 +14,14 @@ whatever happened to the others, about 6 minutes in all on one H100/H200:
             against PyTorch CUDA eager, TF32 off then on                              150 s
     train   minicvt train --backend cupy, one epoch of the training images:
             images/s and validation accuracy                                          90 s
+    nccl    benchmarks/nccl_stage.py: one rank under mpiexec -n 1 through real NCCL (one
+            all-reduce and broadcast checked, then an epoch of 5,000 images with
+            SyncBatchNorm and the gradient all-reduce); skipped without mpi4py        60 s
 
 OUT (default benchmarks/results/gpu-DATE-COMMIT) gets report.json, report.md (tables ready for
 docs/performance.md) and each stage's full output as STAGE.log.
 
---dry-run runs the same four stages on the emulated CuPy (tests/emulated_cupy on PYTHONPATH, so
+--dry-run runs the same five stages on the emulated CuPy (tests/emulated_cupy on PYTHONPATH, so
 each stage's `import cupy` gets it), shrunk: one test file, the step benchmark's own --dry-run,
 and a training run of a few steps on a small image folder it writes. It checks that the report
 works end to end (the test suite runs it); its numbers are not GPU results, and report.md says so.
@@ -36,8 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATION = ROOT / "tests" / "emulated_cupy"
-STAGES = ("tests", "check", "step", "train")
-LIMITS = {"tests": 90, "check": 30, "step": 150, "train": 90}          # seconds
+STAGES = ("tests", "check", "step", "train", "nccl")
+LIMITS = {"tests": 90, "check": 30, "step": 150, "train": 90, "nccl": 60}          # seconds
 
 
 def commit():
@@ -78,6 +81,9 @@ def commands(args, out):
             "train": minicvt + ["train", "--backend", "cupy", "--data", data, "--epochs", "1",
                                 "--batch-size", "4", "--val-size", "6", "--quiet", "--out", str(out / "train"),
                                 "--overwrite", "--cache-dir", str(out / "cache")],
+            "nccl": [py, "benchmarks/nccl_stage.py", "--data", data, "--limit-train", "12", "--val-size", "6",
+                     "--batch-size", "4",
+                     "--out", str(out / "nccl"), "--cache-dir", str(out / "cache")],
         }
     return {
         "tests": [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cupy and not emulat"],
@@ -86,6 +92,8 @@ def commands(args, out):
                  "512", "--repeats", "10", "--warmup", "3", "--json", str(out / "step.json")],
         "train": minicvt + ["train", "--backend", "cupy", "--data", args.data, "--epochs", "1", "--quiet",
                             "--out", str(out / "train"), "--overwrite", "--cache-dir", str(out / "cache")],
+        "nccl": [py, "benchmarks/nccl_stage.py", "--data", args.data, "--out", str(out / "nccl"),
+                 "--cache-dir", str(out / "cache")],
     }
 
 
@@ -141,6 +149,10 @@ def figures(name, output, out):
         record = json.loads(path.read_text().splitlines()[-1])
         return {k: record.get(k) for k in ("epoch", "seconds", "images_per_s", "train_loss", "train_acc",
                                             "val_acc")}
+    if name == "nccl":
+        lines = [line for line in output.splitlines()
+                 if line.startswith(("nccl stage skipped", "NCCLWorld", "allreduce and", "trained 1 epoch"))]
+        return {"lines": lines, "skipped": any(line.startswith("nccl stage skipped") for line in lines)}
     return {}
 
 
@@ -162,6 +174,8 @@ def markdown(report):
         elif name == "train":
             result = (f"{f['images_per_s']:.0f} images/s, {f['seconds']:.1f} s an epoch, validation accuracy "
                       f"{f['val_acc']:.4f}") if f.get("images_per_s") else ""
+        elif name == "nccl":
+            result = "; ".join(f.get("lines", []))
         else:
             result = f"{len(f.get('runs', []))} runs (below)"
         lines.append(f"| {name} | {s['status']} | {s['seconds']:.0f} | {result} |")

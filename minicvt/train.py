@@ -166,7 +166,9 @@ class Trainer:
         tc.resolution_plan(self.mc.image_size)        # a size larger than the images fails here
         self.model = build_model(self.mc, seed=tc.seed, dtype=self.dtype)   # the same on every rank
         self.model.drop_rng.share(rank, size)     # dropout and drop-path masks: the global batch's
-        if size > 1 and tc.sync_bn:
+        # an MPI or NCCL World makes its collectives even alone (the GPU report's one-rank NCCL run)
+        self.joined = not isinstance(world, distributed.SingleProcess)
+        if self.joined and tc.sync_bn:
             nn.convert_sync_batchnorm(self.model, world)
         self.flat = None              # the gradients' flat buffer (several ranks): made by fit()
         if tc.init_from and not resuming:
@@ -423,7 +425,7 @@ class Trainer:
                 run_folder.clear(self.out)
             remove_temporaries(self.out, run_folder.OUTPUTS)   # left by a save that was killed: never read
         self.overwrite = False
-        if world.size > 1:
+        if self.joined:
             # after resume's and --init-from's load_state_dict, which give the gradients new arrays
             self.flat = distributed.flatten_grads(self.model.parameters())
         self._saved_at = time.monotonic()
