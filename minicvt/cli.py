@@ -136,14 +136,9 @@ def _start_ranks(args):
     if mpiexec is None:
         raise ValueError(f"--ranks {args.ranks}: no mpiexec beside {sys.executable} or on PATH; "
                          f"pip install -e \".[mpi]\" brings one")
-    argv, rest = [], iter(args.argv)
-    for word in rest:                    # the same command, less --ranks N
-        if word == "--ranks":
-            next(rest, None)
-        elif not word.startswith("--ranks="):
-            argv.append(word)
     sys.stdout.flush()
-    os.execv(mpiexec, [mpiexec, "-n", str(args.ranks), sys.executable, "-m", "minicvt", *argv])
+    # the same command on each rank; the last --ranks given is the one argparse keeps
+    os.execv(mpiexec, [mpiexec, "-n", str(args.ranks), sys.executable, "-m", "minicvt", *args.argv, "--ranks", "1"])
 
 
 def _done_line(trainer, out):
@@ -377,11 +372,11 @@ def main(argv=None):
     except KeyboardInterrupt:
         return _fail(args, f"interrupted{_resume_hint(args)}", 130)
     except Exception:                # a bug: its traceback; under several ranks, no rank left waiting
-        if _rank() is None:
+        from .distributed import position
+        if position()[1] == 1:
             raise
         import traceback
-        traceback.print_exc()
-        return _fail(args, "error: the exception above stopped this rank", 1)
+        return _fail(args, "error: the exception above stopped this rank", 1, before=traceback.print_exc)
 
 
 def _rank():
@@ -391,20 +386,21 @@ def _rank():
     return None if world is None or world.size == 1 else world.rank
 
 
-def _fail(args, what, exit_code):
-    """Print `minicvt CMD: what` on stderr; -> exit_code. Under several ranks the failing rank
-    also ends the others (MPI_Abort): they may be waiting for it in a collective, which would
-    never return. A rank other than 0 waits a moment first, so that an error every rank meets
-    (a wrong flag) is printed once, by rank 0, whose abort ends the rest."""
-    from .distributed import current
-    world = current()
-    several = world is not None and world.size > 1
-    if several and world.rank != 0:
+def _fail(args, what, exit_code, before=None):
+    """Print `minicvt CMD: what` on stderr (after calling `before`, if given); -> exit_code.
+    Under several ranks the failing rank also ends the others (MPI_Abort): they may be waiting
+    for it in a collective, which would never return. A rank other than 0 waits a moment first,
+    so that an error every rank meets (a wrong flag) is printed once, by rank 0, whose abort
+    ends the rest."""
+    from .distributed import abort_every_rank, position
+    rank, size = position()
+    if size != 1 and rank != 0:
         time.sleep(ABORT_GRACE_S)
-    who = f" (rank {world.rank} of {world.size})" if several else ""
+    if before is not None:
+        before()
+    who = "" if size == 1 else f" (rank {rank} of {size or 'several'})"
     print(f"minicvt {args.command}{who}: {what}", file=sys.stderr, flush=True)
-    if several:
-        world.abort(exit_code)
+    abort_every_rank(exit_code)
     return exit_code
 
 

@@ -24,6 +24,7 @@ One process started without a launcher gets `SingleProcess` (size 1, every colle
 and mpi4py is never imported, so minicvt runs as it always did.
 """
 import os
+import sys
 
 import numpy as np
 
@@ -243,23 +244,53 @@ def world():
 
 
 def current():
-    """The World set up by init, or None before it (an error before init concerns this process only)."""
+    """The World set up by init, or None before it."""
     return _state["world"]
+
+
+def position():
+    """(rank, size) of this process: its World's, or before init (an error while the World is
+    made) the launcher's; (0, 1) alone. size 0: a launcher that gives the rank only (PMIx)."""
+    world = _state["world"]
+    if world is not None:
+        return world.rank, world.size
+    launched = launched_ranks()
+    if launched is None:
+        return 0, 1
+    rank = next((int(os.environ[var]) for _, _, var in _LAUNCHERS if os.environ.get(var, "").isdigit()), 0)
+    return rank, launched[1] or 0
+
+
+def abort_every_rank(exit_code):
+    """End every rank now, as MPI_Abort does, when this process is one of several (the others may
+    be waiting for it in a collective, which would never return); alone, nothing happens. Works
+    before init has finished too (NCCL's set-up refused after MPI's), through COMM_WORLD."""
+    world = _state["world"]
+    if world is not None:
+        if world.size > 1:
+            world.abort(exit_code)
+        return
+    mpi = sys.modules.get("mpi4py.MPI")            # MPI started, the World not made
+    if launched_ranks() is not None and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.COMM_WORLD.Abort(exit_code)
 
 
 def share_cores(world):
     """Give each rank on a machine its share of the cores: minicvt's thread pool and BLAS each
     get cores / local ranks threads (at least one), instead of every rank taking them all and
-    the ranks' threads fighting over the cores. MINICVT_NUM_THREADS, if set, is the pool's
-    count instead. One rank on its machine: nothing changes. Returns the threads per rank."""
+    the ranks' threads fighting over the cores; where the launcher has bound each rank to cores
+    of its own, those. MINICVT_NUM_THREADS, if set, is the pool's count instead. One rank on its
+    machine: nothing changes. Returns the threads per rank."""
     if world.local_size == 1:
         return None
     from threadpoolctl import threadpool_limits
 
     from .fast import parallel
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    machine = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
     if not os.environ.get("MINICVT_NUM_THREADS", "").strip():
-        parallel.set_num_threads(max(1, cores // world.local_size))
+        # a launcher that binds each rank to its own cores (srun -c 8) has shared them already
+        parallel.set_num_threads(max(1, cores // world.local_size) if cores == machine else cores)
     threads = parallel.num_threads()
     # the pool runs BLAS on one thread inside its blocks; outside them (and with one thread)
     # BLAS would start its own threads on every core: limit them to the share too

@@ -183,8 +183,13 @@ class Trainer:
         if tc.minutes and not resuming:       # a resumed run keeps the epochs its plan fixed
             # every rank times its own slices at once (they share the machine), rank 0's plan holds
             seconds = tc.minutes * 60 - (time.perf_counter() - began)
-            epochs = plan_epochs(seconds, tc, self.mc, self.train_loader, self.val_loader, self.dtype,
-                                 self.log, clock=time.perf_counter)
+            try:
+                epochs = plan_epochs(seconds, tc, self.mc, self.train_loader, self.val_loader, self.dtype,
+                                     self.log, clock=time.perf_counter)
+            except ValueError:            # (not one epoch fits: rank 0's verdict is the one said)
+                if rank == 0:
+                    raise
+                epochs = 0
             self.tc = replace(tc, epochs=int(world.broadcast(np.array([epochs]))[0]))
 
     def _init_from(self, path):
@@ -285,12 +290,24 @@ class Trainer:
                                   f"is not inside epoch {meta['epoch'] + 2} of {len(self.train_loader)} steps")
         self.model.load_state_dict(model_state)
         self.optimizer.load_state_dict(optim_state)
+        self._use_normalisation(meta.get("normalization"))
         self.best_acc, self.history, self.position = meta["best_acc"], meta["history"], position
         self.start_epoch, _ = run_folder.position(meta)
         self._write_metrics()
         where = run_folder.describe(meta, self.tc.epochs, len(self.train_loader))
         self.last_saved = f"{path} ({where})"
         self.log(f"resumed from {path} {where}")
+
+    def _use_normalisation(self, saved):
+        """A resumed run normalises with the statistics its checkpoint keeps: those of the images
+        it began on, as computed then (a later minicvt may add them up in another order)."""
+        if saved is None:
+            return
+        self.norm = {"mean": list(saved["mean"]), "std": list(saved["std"])}
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.mean = backend.to_device(np.asarray(saved["mean"]), dtype=self.dtype)
+                loader.std = backend.to_device(np.asarray(saved["std"]), dtype=self.dtype)
 
     def _write_metrics(self):
         """metrics.jsonl is rewritten from the checkpoint's history, so it always agrees with it."""
@@ -325,6 +342,10 @@ class Trainer:
         resumed = self.position if self.position and self.position["epoch"] == epoch else None
         self.position = None
         first, sums = (resumed["step"] if resumed else 0), EpochSums(resumed, self.world.rank, self.world.size)
+        if self.joined and self.flat is None:
+            # made here, after resume's and --init-from's load_state_dict (they give the
+            # gradients new arrays; FlatGrads.allreduce checks that none has had one since)
+            self.flat = distributed.flatten_grads(self.model.parameters())
         batches, read_at = self.train_loader.epoch(epoch, self._resize_to(size), start=first), time.monotonic()
         next_read = first
         # `with`: the bar is closed (its line cleared) however the epoch ends, so that an error
@@ -347,7 +368,7 @@ class Trainer:
                 sums.add(loss, logits, y, self.mc.num_classes)
                 # every log_seconds, and at the first step (the bar shows the loss from its first
                 # update) and the last: one read-back each, never one a step. One process goes by
-                # its clock; ranks must read at the same steps, so rank 0 tells them the next one
+                # its clock; ranks must meet at the same steps, so rank 0 names the next one
                 agreed = None
                 if i in (first, steps - 1) or (time.monotonic() - read_at >= self.log_seconds if single
                                                else i >= next_read):
@@ -357,30 +378,36 @@ class Trainer:
                     bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{train_acc:.3f}",
                                     img_s=f"{sums.seen / sums.seconds():.0f}")
                 bar.update(1)
-                # (the epoch's last step is saved with the epoch, after its validation)
-                if i == steps - 1:
+                if i == steps - 1:       # saved with the epoch, after its validation
                     self._stop_agreed = agreed["stop"]
                     continue
-                if single:
-                    stopping, saving = stop.requested, self._save_due(epoch * steps + i)
-                else:          # a stop or a timed save as agreed; a save every N steps needs no agreement
-                    stopping = bool(agreed and agreed["stop"])
-                    saving = bool(agreed and agreed["save"]) or bool(self.save_steps and self._save_due(epoch * steps + i))
+                stopping, saving = self._stop_or_save(agreed, stop, epoch * steps + i)
                 if stopping or saving:
-                    if agreed is None:
-                        self._read_progress(epoch, i, sums, stop, i - first + 1)   # a NaN loss stops the run, unsaved
+                    if agreed is None:   # the sums of a save, read (and a NaN loss stops the run, unsaved)
+                        self._read_progress(epoch, i, sums, stop, i - first + 1)
                     self._save(epoch - 1, position={"epoch": epoch, "step": i + 1, **sums.state()})
                     if stopping:
-                        self.world.barrier()      # rank 0 has written before any rank exits
+                        self.world.barrier()      # no rank leaves while rank 0 still writes
                         raise self._interrupted(stop, f"in epoch {epoch + 1} after step {i + 1} of {steps}")
         backend.synchronize()
         seconds = sums.seconds()
         return {"image_size": size, "train_loss": train_loss, "train_acc": train_acc,
                 "seconds": seconds, "images_per_s": sums.seen / seconds, "lr": optimizer.lr}
 
+    def _stop_or_save(self, agreed, stop, global_step):
+        """(stop, save) after step `global_step`. One process decides alone, after every step: a
+        signal, or a save due by its clock or its count of steps. Ranks decide only where they
+        met (`agreed`, None elsewhere), except for a save every N steps, which each counts alike."""
+        if self.world.size == 1:
+            return stop.requested, self._save_due(global_step)
+        every_n = bool(self.save_steps) and self._save_due(global_step)
+        if agreed is None:
+            return False, every_n
+        return agreed["stop"], agreed["save"] or every_n
+
     def _interrupted(self, stop, where):
         """The Interrupted a stop raises: this rank's own signal, or the one the ranks agreed on."""
-        number = stop.signal_number or self._agreed_signal
+        number = int(stop.signal_number or self._agreed_signal)
         by = signal.Signals(number).name + ("" if stop.requested else " (to another rank)")
         return Interrupted(f"stopped by {by} {where}; saved {self.out / 'last.npz'}", number)
 
@@ -391,20 +418,21 @@ class Trainer:
         one all-reduce of a few host numbers carries every rank's sums, whether a signal asked
         any of them to stop, and rank 0's word on a timed save and on the step of the next
         meeting (from its clock: about log_seconds ahead). agreed: {"stop", "save", "gap"}."""
-        loss_sum, correct, bad = sums.read()
         rank0 = self.world.rank == 0
-        stop_code = stop.signal_number if stop is not None and stop.requested else 0
-        save = rank0 and not self.save_steps and time.monotonic() - self._saved_at >= self.save_seconds
+        signalled = stop.signal_number if stop is not None and stop.requested else None
         per_step = max(sums.seconds() - sums.earlier, 1e-9) / steps_done
-        gap = max(1, int(self.log_seconds / per_step)) if rank0 else 0
-        # summed: the sums add up, a flag > 0 means some rank raised it, rank 0's numbers are its own
-        shared = np.array([loss_sum, correct, bad, stop_code > 0, stop_code if rank0 else 0, save, gap],
-                          dtype=np.float64)
-        self.world.allreduce(shared)
-        loss_sum, correct, bad = shared[:3]
-        sums.totals = (float(loss_sum), float(correct), float(bad))
-        agreed = {"stop": shared[3] > 0, "save": shared[5] > 0, "gap": int(shared[6])}
-        self._agreed_signal = int(shared[4]) or int(signal.SIGTERM)   # a rank that saw no signal exits as rank 0
+        # summed over the ranks: the sums add up, a count > 0 means some rank raised its flag, and
+        # what only rank 0 says (the others add 0) stays rank 0's
+        mine = dict(zip(("loss_sum", "correct", "bad"), sums.read()),
+                    sigint=signalled == signal.SIGINT, sigterm=signalled == signal.SIGTERM,
+                    save=rank0 and not self.save_steps and time.monotonic() - self._saved_at >= self.save_seconds,
+                    gap=max(1, int(self.log_seconds / per_step)) if rank0 else 0)
+        shared = dict(zip(mine, map(float, self.world.allreduce(np.array(list(mine.values()), dtype=np.float64)))))
+        loss_sum, correct, bad = sums.totals = (shared["loss_sum"], shared["correct"], shared["bad"])
+        agreed = {"stop": shared["sigint"] + shared["sigterm"] > 0, "save": shared["save"] > 0,
+                  "gap": int(shared["gap"])}
+        # the signal a rank that saw none names: SIGTERM if any rank had it (a scheduler's), else SIGINT
+        self._agreed_signal = signal.SIGTERM if shared["sigterm"] else signal.SIGINT
         K = self.mc.num_classes
         if bad:
             raise ValueError(f"{int(bad)} training labels of epoch {epoch + 1} (up to step "
@@ -425,9 +453,6 @@ class Trainer:
                 run_folder.clear(self.out)
             remove_temporaries(self.out, run_folder.OUTPUTS)   # left by a save that was killed: never read
         self.overwrite = False
-        if self.joined:
-            # after resume's and --init-from's load_state_dict, which give the gradients new arrays
-            self.flat = distributed.flatten_grads(self.model.parameters())
         self._saved_at = time.monotonic()
         with StopSignals() as stop:
             for epoch in range(self.start_epoch, self.tc.epochs):

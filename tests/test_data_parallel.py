@@ -250,3 +250,15 @@ def test_an_error_on_one_rank_stops_every_rank(folder, env, tmp_path):
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("minicvt train")]
     assert len(errors) == 1 and "(rank 1 of 2)" in errors[0] and "missing: no such file" in errors[0], done.stderr
+
+
+def test_more_cupy_ranks_than_gpus_is_refused_once(folder, env, tmp_path):
+    """2 ranks on a machine whose (emulated) CuPy shows 1 GPU: refused while the ranks are set
+    up, before any World exists, said once and every rank ended."""
+    from cupy_emulation import subprocess_env
+    env = subprocess_env(**{k: v for k, v in env.items() if k != "PYTHONPATH"}, MINICVT_EMULATED_DEVICES="1",
+                         PYTHONPATH=env["PYTHONPATH"])
+    done = train(2, env, ["--backend", "cupy", "--data", str(folder), "--out", str(tmp_path / "run")], check=False)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("minicvt train")]
+    assert len(errors) == 1 and "2 ranks on this machine but 1 GPU(s) visible" in errors[0], done.stderr
