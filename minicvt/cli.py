@@ -400,11 +400,16 @@ def _fail(args, what, exit_code, before=None):
         before()
     who = "" if size == 1 else f" (rank {rank} of {size or 'several'})"
     print(f"minicvt {args.command}{who}: {what}", file=sys.stderr, flush=True)
+    if size != 1:
+        # MPICH's launcher passes a rank's output on from a pipe, in its own time; an abort at
+        # once could end it before it has, and the message would be lost
+        time.sleep(ABORT_FLUSH_S)
     abort_every_rank(exit_code)
     return exit_code
 
 
 ABORT_GRACE_S = 2.0       # how long a rank other than 0 lets rank 0 report an error they share
+ABORT_FLUSH_S = 0.5       # how long a failing rank lets the launcher pass its message on
 
 
 def _resume_command(args):

@@ -170,7 +170,7 @@ class Trainer:
         self.joined = not isinstance(world, distributed.SingleProcess)
         if self.joined and tc.sync_bn:
             nn.convert_sync_batchnorm(self.model, world)
-        self.flat = None              # the gradients' flat buffer (several ranks): made by fit()
+        self.flat = None              # the gradients' flat buffer (joined ranks): made by train_epoch
         if tc.init_from and not resuming:
             self._init_from(tc.init_from)
         self.optimizer = make_optimizer(tc, self.model)

@@ -126,7 +126,9 @@ class _Memory:
         self.live = self.peak = self.allocated = 0
         self._owners = set()
         self._roots = weakref.WeakValueDictionary()      # id -> the NumPy array that owns the memory
-        self._lock = threading.Lock()
+        # re-entrant: a garbage collection inside `track` (WeakValueDictionary makes a weak
+        # reference) can run another array's finalizer, `_free`, in this thread, lock held
+        self._lock = threading.RLock()
 
     def track(self, a):
         root = a
