@@ -61,7 +61,7 @@ class EpochSums:
     the device: reading one back waits for the GPU, so they are read together, once per
     logging interval, not every step. Also the images seen and the seconds spent. A checkpoint
     inside the epoch stores them (`state`) and a resumed epoch starts from them (`saved`):
-    float64 both ways, so its mean loss is bit for bit the uninterrupted run's.
+    float64 both ways, so one process's mean loss is bit for bit the uninterrupted run's.
     Under several ranks each holds the sums of its own slices (rank 0 also the saved ones) and
     `totals`, set by the trainer's reduction, are the global ones; `seen` counts whole batches."""
 
