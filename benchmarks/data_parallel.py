@@ -439,13 +439,6 @@ def paper(args):
 
 # == (c) --ranks-vs-threads: one epoch of `minicvt train`, two ways ===============================
 
-def find_mpiexec(asked):
-    if asked:
-        return asked
-    beside = Path(sys.executable).parent / "mpiexec"
-    return str(beside) if beside.exists() else shutil.which("mpiexec")
-
-
 def train_once(label, launcher, threads, args, folder):
     """Run one epoch of `minicvt train` with `threads` per process; -> a dict, or None (with a
     printed reason) when it failed."""
@@ -490,7 +483,8 @@ def ranks_vs_threads(args):
     if args.data != "cifar10" and not Path(args.data).exists():
         print(f"skipped: no training images at {args.data} (run from the repository root, or give --data)")
         return None
-    mpiexec = find_mpiexec(args.mpiexec)
+    from minicvt import distributed
+    mpiexec = args.mpiexec or distributed.find_mpiexec()
     if not mpiexec:
         print("skipped: no mpiexec beside this Python or on PATH (pip install -e \".[mpi]\", or --mpiexec)")
         return None

@@ -17,7 +17,6 @@ machine has no internet: carry the mpi4py and mpich wheels to install them there
 import argparse
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -28,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def launch(argv):
     """Start this script under `mpiexec -n 1`; -> its exit code (0 with a note when it cannot)."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    mpiexec = str(beside) if beside.exists() else shutil.which("mpiexec")
+    from minicvt.distributed import find_mpiexec
+    mpiexec = find_mpiexec()
     missing = [name for name, ok in (("mpi4py", importlib.util.find_spec("mpi4py") is not None),
                                      ("mpiexec", mpiexec is not None)) if not ok]
     if missing:

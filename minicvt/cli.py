@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from . import backend, gradcheck, kernels
+from .distributed import abort_every_rank, position     # (no MPI import: that waits for init)
 
 # Each command imports what only it uses inside its function, so that the others start without
 # loading it (no import cycle requires this).
@@ -124,15 +125,12 @@ def cmd_train(args):
 def _start_ranks(args):
     """`minicvt train --ranks N ...` is `mpiexec -n N minicvt train ...`: this process becomes
     MPI's launcher (exec: a signal to it reaches the launcher, which passes it on to the ranks)."""
-    import shutil
-
-    from .distributed import launched_ranks
+    from .distributed import find_mpiexec, launched_ranks
     if args.ranks < 1:
         raise ValueError(f"--ranks must be >= 1, got {args.ranks}")
     if launched_ranks() is not None:
         raise ValueError("--ranks starts the ranks itself: under mpiexec or srun, leave it out")
-    beside = Path(sys.executable).parent / "mpiexec"           # the MPICH wheel's, in this environment
-    mpiexec = str(beside) if beside.exists() else shutil.which("mpiexec")
+    mpiexec = find_mpiexec()
     if mpiexec is None:
         raise ValueError(f"--ranks {args.ranks}: no mpiexec beside {sys.executable} or on PATH; "
                          f"pip install -e \".[mpi]\" brings one")
@@ -366,24 +364,16 @@ def main(argv=None):
         return _fail(args, f"error: {message}", 2)
     except Interrupted as e:         # SIGINT or SIGTERM during training: the run saved its state
         # the command on a line of its own, to copy (the progress bar is closed by now)
-        if not _rank():              # every rank stopped at the same step; one says so
+        if position()[0] == 0:       # every rank stopped at the same step; one says so
             print(f"minicvt {args.command}: {e}; continue with:\n{_resume_command(args)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return _fail(args, f"interrupted{_resume_hint(args)}", 130)
     except Exception:                # a bug: its traceback; under several ranks, no rank left waiting
-        from .distributed import position
         if position()[1] == 1:
             raise
         import traceback
         return _fail(args, "error: the exception above stopped this rank", 1, before=traceback.print_exc)
-
-
-def _rank():
-    """This process's rank; None when it is not one of several."""
-    from .distributed import current
-    world = current()
-    return None if world is None or world.size == 1 else world.rank
 
 
 def _fail(args, what, exit_code, before=None):
@@ -392,7 +382,6 @@ def _fail(args, what, exit_code, before=None):
     for it in a collective, which would never return. A rank other than 0 waits a moment first,
     so that an error every rank meets (a wrong flag) is printed once, by rank 0, whose abort
     ends the rest."""
-    from .distributed import abort_every_rank, position
     rank, size = position()
     if size != 1 and rank != 0:
         time.sleep(ABORT_GRACE_S)
@@ -415,9 +404,9 @@ ABORT_FLUSH_S = 0.5       # how long a failing rank lets the launcher pass its m
 def _resume_command(args):
     """`minicvt train --resume` for this run, with the flags a checkpoint does not store."""
     command = f"minicvt train --resume --out {shlex.quote(str(args.out))}"    # quoted: ready to paste
-    ranks = _rank() is not None and __import__("minicvt.distributed").distributed.current().size
-    if ranks:                        # (any number of ranks continues it; the same number, bit for bit)
-        command = f"mpiexec -n {ranks} {command}"
+    ranks = position()[1]
+    if ranks != 1:                   # (any number of ranks continues it; the same number, bit for bit)
+        command = f"mpiexec -n {ranks or 'N'} {command}"
     if args.backend != "numpy":
         command += f" --backend {args.backend}"
     if args.cache_dir:

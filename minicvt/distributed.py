@@ -243,6 +243,14 @@ def world():
     return _state["world"] or init()
 
 
+def find_mpiexec():
+    """The launcher to start ranks with: the mpiexec beside this Python (where the mpich wheel
+    installs it, so that it matches the MPI mpi4py uses), else one on PATH; None if neither."""
+    import shutil
+    beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return beside if os.path.exists(beside) else shutil.which("mpiexec")
+
+
 def current():
     """The World set up by init, or None before it."""
     return _state["world"]

@@ -25,13 +25,13 @@ import pytest
 
 import minicvt
 from minicvt.checkpoint import load_checkpoint
+from minicvt.distributed import find_mpiexec
 from test_train import write_image_folder
 
 REPO = Path(minicvt.__file__).resolve().parent.parent
 TIMEOUT = 240
 pytest.importorskip("mpi4py", reason='mpi4py is not installed (pip install -e ".[mpi]")')
-MPIEXEC = next((str(p) for p in (Path(sys.executable).parent / "mpiexec",) if p.exists()), None) \
-    or __import__("shutil").which("mpiexec")
+MPIEXEC = find_mpiexec()
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec beside this Python or on PATH")
 
 SETTINGS = ["--epochs", "2", "--batch-size", "6", "--val-size", "30", "--seed", "1", "--resolutions", "",
@@ -100,7 +100,8 @@ def two_ranks(folder, env, tmp_path_factory):
 
 def test_two_ranks_end_where_one_process_ends_each_given_its_share(one_process, two_ranks):
     """Every batch of 6 goes 3 and 3 to the two ranks, disjoint, together the one process's
-    batch (an implementation where each rank runs the whole batch fails here); the ranks end
+    batch, each image cropped and flipped as one process does it (an implementation where each
+    rank runs the whole batch fails here); the ranks end
     with the same weights as each other, and as one process within the tolerance."""
     (one, one_run), (ranks, run) = one_process, two_ranks
     whole = {(e, i): images for e, i, images in one["batches"]}

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import data_parallel  # noqa: E402
 
+from minicvt.distributed import find_mpiexec  # noqa: E402
 from minicvt.models import get_config  # noqa: E402
 
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
@@ -67,9 +68,9 @@ def test_collectives_one_process(tmp_path):
 def test_collectives_two_ranks(tmp_path):
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip('mpi4py is not installed (pip install -e ".[mpi]")')
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    if not mpiexec.exists():
-        pytest.skip("no mpiexec beside this Python (the mpich wheel puts one there)")
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        pytest.skip("no mpiexec beside this Python or on PATH (the mpich wheel puts one beside it)")
     result = _run([str(mpiexec), "-n", "2", sys.executable, "benchmarks/data_parallel.py", "--collectives",
                    "--quick", "--threads", "1", "--json", str(tmp_path / "dp.json")], tmp_path)
     _check(result, 2)

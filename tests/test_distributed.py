@@ -207,10 +207,10 @@ def test_training_with_flat_grads_is_bit_identical(xp):
 def _mpiexec():
     if importlib.util.find_spec("mpi4py") is None:
         pytest.skip('mpi4py is not installed (pip install -e ".[mpi]")')
-    here = Path(sys.executable).parent / "mpiexec"          # the one the mpich wheel installs beside python
-    if here.exists():
-        return str(here)
-    pytest.skip("no mpiexec beside this Python (the mpich wheel puts one there)")
+    mpiexec = distributed.find_mpiexec()            # the mpich wheel puts one beside python
+    if mpiexec is None:
+        pytest.skip("no mpiexec beside this Python or on PATH (the mpich wheel puts one beside it)")
+    return mpiexec
 
 
 def _run_ranks(case, tmp_path, n=2, devices=1):
